@@ -1,0 +1,3 @@
+from udquant.cli import entry
+
+entry()

@@ -1,0 +1,192 @@
+"""Command line: `udquant-job SOURCE ...` and `udquant <command> ...`.
+
+The only place that prints results, maps errors to exit codes and sets up logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from udquant import __version__
+from udquant.errors import (
+    CorruptGGUFError,
+    DiskSpaceError,
+    HubError,
+    ImatrixMismatchError,
+    InputError,
+    ToolchainError,
+    ToolError,
+    UdquantError,
+    VerificationError,
+)
+from udquant.job import DEFAULT_LEVEL, JobOptions, JobResult, run_job
+
+logger = logging.getLogger("udquant")
+
+# Documented in the README; tests assert them.
+EXIT_CODES: dict[type[UdquantError], int] = {
+    InputError: 2, ImatrixMismatchError: 3, ToolError: 4, VerificationError: 5,
+    CorruptGGUFError: 6, DiskSpaceError: 7, ToolchainError: 8, HubError: 9,
+}
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+def exit_code_for(error: UdquantError) -> int:
+    for kind in type(error).__mro__:
+        if kind in EXIT_CODES:
+            return EXIT_CODES[kind]  # type: ignore[index]
+    return 1
+
+
+def _configure_logging(verbose: bool) -> None:
+    console = Console(stderr=True)
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False,
+                          rich_tracebacks=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="Hub repo id (owner/name) or local model directory")
+    parser.add_argument("--quant", dest="levels", action="append", metavar="LEVEL",
+                        help=f"level to make, repeatable (default: {DEFAULT_LEVEL})")
+    parser.add_argument("--recipe", type=Path, help="recipe file to use instead of the library's")
+    parser.add_argument("--imatrix", default="compute", metavar="none|compute|PATH",
+                        help="importance matrix: none, compute it here, or a .gguf/.dat file (default: compute)")
+    parser.add_argument("--out-dir", type=Path, help="where results go (default: ./udquant-out/<name>)")
+    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("UDQUANT_WORK_DIR", "udquant-out/.work")),
+                        help="intermediate files, reused on rerun (default: ./udquant-out/.work)")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    mtp = parser.add_mutually_exclusive_group()
+    mtp.add_argument("--no-mtp", dest="no_mtp", action="store_const", const=True,
+                     help="drop MTP layers (default: only when the config declares layers the weights lack)")
+    mtp.add_argument("--mtp", dest="no_mtp", action="store_const", const=False, help="keep MTP layers")
+    parser.add_argument("--calibration", type=Path, help="calibration text for --imatrix compute")
+    parser.add_argument("--imatrix-chunks", type=int, default=64)
+    parser.add_argument("--imatrix-context", type=int, default=512)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--disk-reserve-gb", type=float, default=1.0,
+                        help="disk space to leave free after the job (default: 1)")
+    parser.add_argument("--no-upload", action="store_true", default=True,
+                        help="keep results local (the default for now)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def options_from_args(args: argparse.Namespace) -> JobOptions:
+    if args.imatrix_chunks < 1 or args.imatrix_context < 32:
+        raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
+    return JobOptions(
+        source=args.source, levels=tuple(args.levels or (DEFAULT_LEVEL,)), recipe=args.recipe,
+        imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
+        no_mtp=args.no_mtp, calibration=args.calibration, imatrix_chunks=args.imatrix_chunks,
+        imatrix_context=args.imatrix_context, threads=args.threads,
+        disk_reserve=int(args.disk_reserve_gb * 1e9), token=os.environ.get("HF_TOKEN"))
+
+
+def print_report(result: JobResult) -> None:
+    console = Console(stderr=True)
+    table = Table(title="stage timings", title_justify="left")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("")
+    for name, entry in result.timings.items():
+        table.add_row(name, f"{entry['seconds']:.1f}", "reused" if entry["cached"] else "")
+    console.print(table)
+    for level in result.levels:
+        check = level.verification
+        console.print(f"{level.level}: {check.summary} ({check.bits_per_weight:.2f} BPW) -> verified")
+
+
+def _run(action: str, func: object, args: argparse.Namespace) -> int:
+    try:
+        return int(func(args))  # type: ignore[operator]
+    except UdquantError as err:
+        logger.error("%s failed: %s", action, err)
+        return exit_code_for(err)
+    except KeyboardInterrupt:
+        logger.error("interrupted; rerun the same command to continue where it stopped")
+        return EXIT_INTERRUPTED
+    except Exception:
+        if os.environ.get("UDQUANT_DEBUG"):
+            raise
+        logger.exception("internal error (set UDQUANT_DEBUG=1 for the traceback)")
+        return EXIT_INTERNAL
+
+
+def _job(args: argparse.Namespace) -> int:
+    result = run_job(options_from_args(args))
+    print_report(result)
+    print(result.out_dir.resolve())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Make the bundled tiny model and run the whole job on it, offline."""
+    from udquant.tiny_model import make_tiny_model
+
+    work = args.work_dir
+    model_dir = make_tiny_model(work / "demo-model" / "udquant-tiny-llama")
+    args.source = str(model_dir)
+    args.levels, args.recipe, args.revision, args.no_mtp, args.calibration = None, None, None, None, None
+    args.imatrix, args.imatrix_chunks, args.imatrix_context = "compute", 16, 128
+    args.threads, args.disk_reserve_gb = None, 0.1
+    return _job(args)
+
+
+def _toolchain(args: argparse.Namespace) -> int:
+    from udquant.toolchain import find_toolchain
+
+    toolchain = find_toolchain()
+    for key, value in toolchain.describe().items():
+        print(f"{key}: {value}")
+    print(f"path: {toolchain.root}")
+    return 0
+
+
+def job_main(argv: Sequence[str] | None = None) -> int:
+    """udquant-job: the container entrypoint."""
+    parser = argparse.ArgumentParser(prog="udquant-job", description="Make verified UD-style GGUF quants.")
+    add_job_arguments(parser)
+    parser.add_argument("--version", action="version", version=f"udquant {__version__}")
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    return _run("job", _job, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="udquant", description="UD-style GGUF quants of distills.")
+    parser.add_argument("--version", action="version", version=f"udquant {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    job = commands.add_parser("job", help="run the whole pipeline (same as udquant-job)")
+    add_job_arguments(job)
+    job.set_defaults(func=_job)
+    demo = commands.add_parser("demo", help="run the job offline on a bundled tiny model")
+    demo.add_argument("--out-dir", type=Path)
+    demo.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "udquant-demo")
+    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.set_defaults(func=_demo)
+    toolchain = commands.add_parser("toolchain", help="show the llama.cpp build the job uses")
+    toolchain.add_argument("-v", "--verbose", action="store_true")
+    toolchain.set_defaults(func=_toolchain)
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    return _run(args.command, args.func, args)
+
+
+def job_entry() -> None:
+    sys.exit(job_main())
+
+
+def entry() -> None:
+    sys.exit(main())

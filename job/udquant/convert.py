@@ -1,0 +1,47 @@
+"""Convert a Hugging Face checkpoint to a BF16 GGUF with the pinned converter."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from udquant.gguf_header import read_gguf_header
+from udquant.progress import StageProgress
+from udquant.runner import run_tool
+from udquant.toolchain import Toolchain
+
+CONVERTER_HINTS = {
+    "BPE pre-tokenizer was not recognized": (
+        "the pinned converter does not know this model's pre-tokenizer (its tokenizer hash is "
+        "not in llama.cpp b11434's list); the model needs a newer llama.cpp, or its "
+        "tokenizer files differ from the base model's"),
+    "assert self.opt_num_mtp_layers != 0": (
+        "the config declares MTP layers the weights lack; rerun with --no-mtp"),
+    "Killed": "the converter ran out of memory",
+}
+
+
+def build_convert_args(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool) -> list[str]:
+    args = [sys.executable, str(toolchain.converter), str(model_dir),
+            "--outtype", "bf16", "--outfile", str(output)]
+    if no_mtp:
+        args.append("--no-mtp")
+    return args
+
+
+def convert_to_gguf(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool,
+                    log_path: Path, progress: StageProgress | None = None) -> Path:
+    """Write output (BF16 GGUF) from model_dir; the file appears only when complete."""
+    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
+    # The converter must use the gguf-py of its own tree, not whatever gguf is installed.
+    env = {"PYTHONPATH": str(toolchain.converter.parent / "gguf-py")}
+    try:
+        run_tool(build_convert_args(toolchain, model_dir, partial, no_mtp=no_mtp), stage="convert",
+                 log_path=log_path, env=env, progress=progress, hint_for=CONVERTER_HINTS)
+        read_gguf_header(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(output)
+    return output

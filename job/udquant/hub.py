@@ -1,0 +1,68 @@
+"""Talk to the Hugging Face Hub through huggingface_hub: describe a repo, download it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from udquant.errors import HubError, InputError
+from udquant.resolve import ModelInfo, describe_config
+
+# Only what the converter reads: weights, config, tokenizer and chat template files.
+MODEL_FILE_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json",
+]
+
+
+def _hub_error(repo_id: str, err: Exception) -> HubError:
+    if isinstance(err, GatedRepoError):
+        return HubError(f"{repo_id} is gated and this token has no access",
+                        hint="accept the model's terms on its Hub page, then set HF_TOKEN")
+    if isinstance(err, RepositoryNotFoundError):
+        return HubError(f"{repo_id} does not exist on the Hub, or it is private",
+                        hint="check the spelling; for a private repo set HF_TOKEN")
+    if isinstance(err, RevisionNotFoundError):
+        return HubError(f"{repo_id}: revision not found")
+    return HubError(f"{repo_id}: the Hub request failed: {err}")
+
+
+def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) -> ModelInfo:
+    api = HfApi(token=token)
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
+    except HfHubHTTPError as err:
+        raise _hub_error(repo_id, err) from None
+    config = json.loads(Path(config_path).read_text())
+    hf_arch, llama_arch, declared_mtp = describe_config(config, repo_id)
+    weights = [s for s in info.siblings or [] if s.rfilename.endswith(".safetensors")]
+    if not weights:
+        raise InputError(f"{repo_id}: no *.safetensors weights in the repo",
+                         hint="udquant converts safetensors checkpoints only")
+    try:
+        meta = api.get_safetensors_metadata(repo_id, revision=info.sha)
+    except HfHubHTTPError as err:
+        raise _hub_error(repo_id, err) from None
+    return ModelInfo(
+        source=repo_id, name=repo_id.split("/")[1], repo_id=repo_id, revision=info.sha,
+        local_dir=None, hf_architecture=hf_arch, llama_arch=llama_arch,
+        n_params=sum(meta.parameter_count.values()),
+        weights_bytes=sum(s.size or 0 for s in weights),
+        weight_names=tuple(sorted(meta.weight_map)), declared_mtp_layers=declared_mtp)
+
+
+def download_model(model: ModelInfo, dest: Path, *, token: str | None) -> Path:
+    """Download only the files the converter needs, pinned to the resolved revision."""
+    assert model.repo_id is not None
+    try:
+        path = snapshot_download(model.repo_id, revision=model.revision, local_dir=dest,
+                                 allow_patterns=MODEL_FILE_PATTERNS, token=token)
+    except HfHubHTTPError as err:
+        raise _hub_error(model.repo_id, err) from None
+    return Path(path)

@@ -1,0 +1,153 @@
+"""Importance matrices: compute one with llama-imatrix, read GGUF or legacy .dat files,
+and check that one fits the model before it is used."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from udquant.errors import ImatrixMismatchError, InputError
+from udquant.gguf_header import GGUFHeader, SkippedArray, read_gguf_header
+from udquant.progress import StageProgress
+from udquant.runner import run_tool
+from udquant.toolchain import Toolchain
+
+
+@dataclass(frozen=True)
+class Imatrix:
+    path: Path
+    format: str  # "gguf" or "dat"
+    widths: dict[str, int]  # tensor name -> row length (ne0) the entry was collected for
+    datasets: tuple[str, ...]
+    chunk_count: int | None
+    chunk_size: int | None
+
+
+@dataclass(frozen=True)
+class ImatrixSettings:
+    calibration: Path
+    chunks: int = 64
+    context: int = 512
+
+
+CALIBRATION_NAME = "udquant-calibration.txt"
+
+
+def build_imatrix_args(toolchain: Toolchain, model: Path, calibration: Path,
+                       settings: ImatrixSettings, output: Path) -> list[str]:
+    args = [str(toolchain.tool("llama-imatrix")), "-m", str(model), "-f", str(calibration),
+            "-o", str(output), "--output-format", "gguf", "-c", str(settings.context),
+            "--chunks", str(settings.chunks), "--no-ppl"]
+    if toolchain.has_gpu:
+        args += ["-ngl", "99"]
+    return args
+
+
+def compute_imatrix(toolchain: Toolchain, model: Path, settings: ImatrixSettings, output: Path,
+                    *, log_path: Path, progress: StageProgress | None = None) -> Path:
+    """Run llama-imatrix on the calibration text; write output atomically.
+
+    It runs inside output's folder with relative names: llama-imatrix records the text's
+    path in the file (imatrix.datasets), and a local path has no place in a published model.
+    """
+    workdir = output.parent
+    shutil.copyfile(settings.calibration, workdir / CALIBRATION_NAME)
+    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
+    args = build_imatrix_args(toolchain, model, Path(CALIBRATION_NAME), settings, Path(partial.name))
+    try:
+        run_tool(args, stage="imatrix", log_path=log_path, cwd=workdir, progress=progress)
+        read_imatrix(partial)  # a file that does not parse must not be marked done
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(output)
+    return output
+
+
+def _read_gguf_imatrix(path: Path, header: GGUFHeader) -> Imatrix:
+    if header.metadata.get("general.type") != "imatrix":
+        raise InputError(f"{path}: a GGUF file but not an imatrix (general.type="
+                         f"{header.metadata.get('general.type')!r})")
+    widths = {t.name[: -len(".in_sum2")]: t.shape[0] for t in header.tensors if t.name.endswith(".in_sum2")}
+    datasets = header.metadata.get("imatrix.datasets") or []
+    if isinstance(datasets, SkippedArray):
+        datasets = []
+    return Imatrix(path, "gguf", widths, tuple(str(d) for d in datasets),
+                   header.metadata.get("imatrix.chunk_count"), header.metadata.get("imatrix.chunk_size"))
+
+
+def _read_dat_imatrix(path: Path) -> Imatrix:
+    """The legacy format: entry count, then (name, ncall, nval, values) per entry, then
+    optionally the chunk count and the dataset name."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise InputError(f"{path}: truncated or not an imatrix file")
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return int(value)
+
+    n_entries = take("<i")
+    if not 0 < n_entries < 1 << 20:
+        raise InputError(f"{path}: not an imatrix file (entry count {n_entries})")
+    widths: dict[str, int] = {}
+    for _ in range(n_entries):
+        length = take("<i")
+        if not 0 < length < 4096 or pos + length > len(data):
+            raise InputError(f"{path}: truncated or not an imatrix file")
+        name = data[pos:pos + length].decode("utf-8", errors="replace")
+        pos += length
+        take("<i")  # ncall
+        nval = take("<i")
+        if nval <= 0 or pos + 4 * nval > len(data):
+            raise InputError(f"{path}: truncated imatrix entry {name}")
+        pos += 4 * nval
+        widths[name] = nval
+    chunk_count = take("<i") if pos + 4 <= len(data) else None
+    datasets: tuple[str, ...] = ()
+    if chunk_count is not None and pos + 4 <= len(data):
+        length = take("<i")
+        datasets = (data[pos:pos + length].decode("utf-8", errors="replace"),)
+    return Imatrix(path, "dat", widths, datasets, chunk_count, None)
+
+
+def read_imatrix(path: Path) -> Imatrix:
+    if not path.is_file():
+        raise InputError(f"imatrix file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _read_gguf_imatrix(path, read_gguf_header(path))
+    return _read_dat_imatrix(path)
+
+
+def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
+    """Every entry must name a tensor of this model with the same row length.
+
+    Legacy entries of expert tensors hold n_expert rows, so a multiple is accepted there.
+    """
+    shapes = {t.name: t.shape for t in model.tensors}
+    unknown = [name for name in imatrix.widths if name not in shapes]
+    if unknown and len(unknown) == len(imatrix.widths):
+        raise ImatrixMismatchError(
+            f"{imatrix.path.name} was made for another model: none of its {len(unknown)} entries "
+            "names a tensor of this model", sorted(unknown))
+    if unknown:
+        raise ImatrixMismatchError(f"{imatrix.path.name} has entries for tensors this model lacks",
+                                   sorted(unknown))
+    wrong = []
+    for name, width in imatrix.widths.items():
+        shape = shapes[name]
+        experts = shape[2] if len(shape) > 2 else 1
+        if width not in (shape[0], shape[0] * experts):
+            wrong.append(f"{name}: imatrix width {width}, tensor row length {shape[0]}")
+    if wrong:
+        raise ImatrixMismatchError(f"{imatrix.path.name} does not fit this model's tensor widths",
+                                   sorted(wrong))

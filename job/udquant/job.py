@@ -1,0 +1,228 @@
+"""The job: resolve -> fetch -> convert -> imatrix -> quantize -> verify -> output.
+
+It composes the stage functions over plain dataclasses; each stage's result is kept in a
+work directory keyed by its inputs, so a rerun after a kill picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from udquant.convert import convert_to_gguf
+from udquant.errors import InputError, RecipeError
+from udquant.fetch import check_disk_space, fetch_model
+from udquant.gguf_header import GGUFHeader, read_gguf_header
+from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, compute_imatrix, read_imatrix
+from udquant.library import data_file
+from udquant.output import ImatrixUse, LevelOutput, sha256_file, write_outputs
+from udquant.progress import stage_progress
+from udquant.quantize import quantize_model
+from udquant.recipe import QuantPlan, Recipe, find_recipe, load_recipe, plan_quantization
+from udquant.resolve import ModelInfo, resolve_model
+from udquant.toolchain import Toolchain, find_toolchain
+from udquant.verify import Verification, verify_quantized
+from udquant.workdir import StageDir, open_stage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEVEL = "UD-Q5_K_XL"
+IMATRIX_MODES = ("none", "compute")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    source: str
+    levels: tuple[str, ...] = (DEFAULT_LEVEL,)
+    recipe: Path | None = None  # a recipe file instead of the library's recipe for the level
+    imatrix: str = "compute"  # none | compute | path to an imatrix file
+    out_dir: Path | None = None
+    work_dir: Path = Path("udquant-out/.work")
+    revision: str | None = None
+    no_mtp: bool | None = None  # None: decide from config and weights
+    calibration: Path | None = None
+    imatrix_chunks: int = 64
+    imatrix_context: int = 512
+    threads: int | None = None
+    disk_reserve: int = 1_000_000_000
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    out_dir: Path
+    result_json: Path
+    model: ModelInfo
+    levels: tuple[LevelOutput, ...]
+    timings: dict[str, dict[str, Any]]
+
+
+class Timings:
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        entry: dict[str, Any] = {"seconds": 0.0, "cached": False}
+        start = time.monotonic()
+        logger.info("%s: started", name)
+        yield entry
+        entry["seconds"] = round(time.monotonic() - start, 3)
+        self.stages[name] = entry
+        logger.info("%s: %s in %.1f s", name, "reused" if entry["cached"] else "done", entry["seconds"])
+
+
+def _model_fingerprint(model: ModelInfo, model_dir: Path) -> dict[str, Any]:
+    if model.repo_id:
+        return {"repo_id": model.repo_id, "revision": model.revision}
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def _recipes_for(options: JobOptions, model: ModelInfo) -> list[Recipe]:
+    if options.recipe is not None:
+        recipes = [load_recipe(options.recipe)]
+    else:
+        recipes = [find_recipe(level, model.llama_arch) for level in options.levels]
+    for recipe in recipes:
+        if recipe.arch not in ("any", model.llama_arch):
+            raise RecipeError(f"recipe {recipe.id} is for architecture {recipe.arch}, "
+                              f"the model is {model.llama_arch}")
+    return recipes
+
+
+def _estimate_bytes(model: ModelInfo, recipes: list[Recipe], downloads: bool) -> int:
+    """A generous estimate of what the job writes: download, BF16, one file per level."""
+    bf16 = model.n_params * 2
+    quants = sum(model.n_params * (_catch_all_bits(r) + 1) / 8 for r in recipes)
+    return int((model.weights_bytes if downloads else 0) + bf16 + quants)
+
+
+def _catch_all_bits(recipe: Recipe) -> float:
+    from gguf import GGML_QUANT_SIZES
+
+    from udquant.gguf_header import parse_ggml_type
+
+    block, size = GGML_QUANT_SIZES[parse_ggml_type(recipe.rules[-1].type)]
+    return 8 * size / block
+
+
+def _run_stage(timings: Timings, stage: StageDir, work: Callable[[Path], Path], output_name: str,
+               **record: Any) -> Path:
+    with timings.stage(stage.stage) as entry:
+        done = stage.done_output()
+        if done is not None:
+            entry["cached"] = True
+            return done
+        start = time.monotonic()
+        output = work(stage.path / output_name)
+        stage.mark_done(output, time.monotonic() - start, **record)
+        return output
+
+
+def _prepare_imatrix(options: JobOptions, toolchain: Toolchain, bf16: Path, bf16_header: GGUFHeader,
+                     convert_key: str, timings: Timings) -> ImatrixUse:
+    if options.imatrix == "none":
+        return ImatrixUse("none", None)
+    if options.imatrix != "compute":
+        imatrix = read_imatrix(Path(options.imatrix))
+        check_imatrix_fits(imatrix, bf16_header)
+        return ImatrixUse("file", imatrix)
+    calibration = options.calibration or data_file("calibration.txt")
+    calibration_sha = sha256_file(calibration)
+    settings = ImatrixSettings(calibration, options.imatrix_chunks, options.imatrix_context)
+    stage = open_stage(options.work_dir, "imatrix", {
+        "bf16": convert_key, "calibration": calibration_sha, "chunks": settings.chunks,
+        "context": settings.context, "llama_cpp": toolchain.tree_sha256, "backend": toolchain.backend})
+
+    def work(output: Path) -> Path:
+        with stage_progress("imatrix") as progress:
+            return compute_imatrix(toolchain, bf16, settings, output, log_path=stage.log(), progress=progress)
+
+    path = _run_stage(timings, stage, work, "imatrix.gguf")
+    imatrix = read_imatrix(path)
+    check_imatrix_fits(imatrix, bf16_header)
+    return ImatrixUse("computed", imatrix, calibration_sha)
+
+
+def _quantize_level(options: JobOptions, toolchain: Toolchain, bf16: Path, convert_key: str,
+                    plan: QuantPlan, imatrix: Imatrix | None, timings: Timings) -> tuple[Path, Verification]:
+    level = plan.recipe.level
+    stage = open_stage(options.work_dir, "quantize", {
+        "bf16": convert_key, "plan": plan.digest, "base": plan.recipe.base,
+        "imatrix": sha256_file(imatrix.path) if imatrix else None,
+        "llama_cpp": toolchain.tree_sha256})
+    with timings.stage(f"quantize {level}") as entry:
+        output = stage.done_output()
+        entry["cached"] = output is not None
+        start = time.monotonic()
+        if output is None:
+            with stage_progress(level) as progress:
+                output = quantize_model(toolchain, bf16, plan, stage.path / "model.gguf", imatrix=imatrix,
+                                        log_path=stage.log(), threads=options.threads, progress=progress)
+        verification = verify_quantized(output, plan)
+        # Marked done only once verified: a rerun re-quantizes a file that failed.
+        if not entry["cached"]:
+            stage.mark_done(output, time.monotonic() - start, level=level)
+    return output, verification
+
+
+def run_job(options: JobOptions) -> JobResult:
+    """Run the whole pipeline for one model and every requested level."""
+    if options.imatrix not in IMATRIX_MODES and not Path(options.imatrix).is_file():
+        raise InputError(f"--imatrix must be none, compute or an existing file, not {options.imatrix!r}")
+    timings = Timings()
+    with timings.stage("resolve"):
+        model = resolve_model(options.source, revision=options.revision, token=options.token)
+        recipes = _recipes_for(options, model)
+        toolchain = find_toolchain()
+        early_imatrix = read_imatrix(Path(options.imatrix)) if options.imatrix not in IMATRIX_MODES else None
+    no_mtp = model.needs_no_mtp if options.no_mtp is None else options.no_mtp
+    if model.needs_no_mtp:
+        logger.warning("config declares %d MTP layer(s) the weights lack: converting with --no-mtp",
+                       model.declared_mtp_layers)
+    out_dir = options.out_dir or Path("udquant-out") / model.name
+    check_disk_space(options.work_dir, _estimate_bytes(model, recipes, model.repo_id is not None),
+                     reserve=options.disk_reserve)
+
+    with timings.stage("fetch"):
+        model_dir = fetch_model(model, options.work_dir / "downloads", token=options.token)
+
+    fingerprint = _model_fingerprint(model, model_dir)
+    convert_inputs = {"model": fingerprint, "no_mtp": no_mtp, "llama_cpp": toolchain.tree_sha256}
+    convert_stage = open_stage(options.work_dir, "convert", convert_inputs)
+
+    def convert(output: Path) -> Path:
+        with stage_progress("convert") as progress:
+            return convert_to_gguf(toolchain, model_dir, output, no_mtp=no_mtp,
+                                   log_path=convert_stage.log(), progress=progress)
+
+    bf16 = _run_stage(timings, convert_stage, convert, "model-bf16.gguf")
+    bf16_header = read_gguf_header(bf16)
+    plans = [plan_quantization(recipe, bf16_header) for recipe in recipes]
+    for plan in plans:
+        for tensor in plan.undeclared_fallbacks():
+            logger.warning("%s: %s wants %s but its row length %d does not fit; llama-quantize will "
+                           "fall back and verification will fail", plan.recipe.level, tensor.name,
+                           tensor.wanted, tensor.shape[0])
+    if early_imatrix is not None:
+        check_imatrix_fits(early_imatrix, bf16_header)
+    imatrix = _prepare_imatrix(options, toolchain, bf16, bf16_header, convert_stage.key, timings)
+
+    levels = []
+    for plan in plans:
+        path, verification = _quantize_level(options, toolchain, bf16, convert_stage.key, plan,
+                                             imatrix.imatrix, timings)
+        logger.info("%s: %s; %.2f bits per weight", plan.recipe.level, verification.summary,
+                    verification.bits_per_weight)
+        levels.append(LevelOutput(plan.recipe.level, plan.recipe, path, verification))
+
+    with timings.stage("output"):
+        result_json = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages)
+    return JobResult(out_dir, result_json, model, tuple(levels), timings.stages)
+

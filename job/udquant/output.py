@@ -1,0 +1,152 @@
+"""Write the job's outputs: GGUF files, recipe copies, the model card draft, the result JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from udquant import __version__
+from udquant.imatrix import Imatrix
+from udquant.library import data_file
+from udquant.recipe import Recipe
+from udquant.resolve import ModelInfo
+from udquant.toolchain import Toolchain
+from udquant.verify import Verification
+
+RESULT_NAME = "udquant-result.json"
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class LevelOutput:
+    level: str
+    recipe: Recipe
+    source: Path  # the verified file in the work directory
+    verification: Verification
+
+
+@dataclass(frozen=True)
+class ImatrixUse:
+    mode: str  # "none", "computed" or "file"
+    imatrix: Imatrix | None
+    calibration_sha256: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.imatrix is None:
+            return {"source": "none"}
+        return {"source": self.mode, "file": self.imatrix.path.name, "format": self.imatrix.format,
+                "sha256": sha256_file(self.imatrix.path), "datasets": list(self.imatrix.datasets),
+                "chunk_count": self.imatrix.chunk_count, "chunk_size": self.imatrix.chunk_size,
+                "entries": len(self.imatrix.widths), "calibration_sha256": self.calibration_sha256}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _place(source: Path, dest: Path) -> None:
+    """Hard-link when possible (no second copy of a large file), else copy; atomically."""
+    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copyfile(source, partial)
+    partial.replace(dest)
+
+
+def _write_text(path: Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def gguf_file_name(model: ModelInfo, level: str) -> str:
+    return f"{model.name}-{level}.gguf"
+
+
+def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[str, Any],
+                toolchain: Toolchain) -> str:
+    front = {
+        "base_model": model.repo_id or model.name,
+        "base_model_relation": "quantized",
+        "library_name": "gguf",
+        "tags": ["gguf", "imatrix", "ud-quant", "quantized", "udquant"],
+        "quantized_by": "udquant",
+    }
+    if imatrix["source"] == "none":
+        front["tags"].remove("imatrix")
+    file_rows = "\n".join(
+        f"| {lv['level']} | `{lv['file']}` | {lv['size'] / 1e9:.2f} GB | {lv['bits_per_weight']:.2f} "
+        f"| `{lv['recipe']['id']}` |" for lv in levels)
+    type_rows = "\n".join(f"- **{lv['level']}**: {lv['summary']}" for lv in levels)
+    provenance = "; ".join(f"`{lv['recipe']['id']}`: {lv['recipe']['provenance'].get('note', lv['recipe']['provenance'].get('kind', 'unknown'))}"
+                           for lv in levels)
+    if imatrix["source"] == "none":
+        imatrix_text = "none"
+    else:
+        datasets = ", ".join(imatrix["datasets"]) or "not recorded"
+        imatrix_text = (f"{imatrix['source']} (`{imatrix['file']}`, datasets: {datasets}, "
+                        f"{imatrix['chunk_count']} chunks)")
+    template = Template(data_file("card.md.tmpl").read_text())
+    return template.substitute(
+        front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
+        title=f"{model.name} UD GGUF",
+        source_label=model.repo_id or model.name,
+        source_link=f"https://huggingface.co/{model.repo_id}" if model.repo_id else ".",
+        source_revision=f" at revision `{model.revision}`" if model.revision else "",
+        file_rows=file_rows, type_rows=type_rows, provenance=provenance, imatrix=imatrix_text,
+        llama_cpp=f"{toolchain.tag} ({toolchain.commit}, {toolchain.backend})",
+        first_file=levels[0]["file"],
+    )
+
+
+def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], imatrix: ImatrixUse,
+                  toolchain: Toolchain, timings: dict[str, dict[str, Any]]) -> Path:
+    """Place verified files and write card and result JSON into out_dir; return the result path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    level_records = []
+    for level in levels:
+        name = gguf_file_name(model, level.level)
+        _place(level.source, out_dir / name)
+        recipe_name = f"{model.name}-{level.level}.recipe.yaml"
+        if level.recipe.source_path is not None:
+            _place(level.recipe.source_path, out_dir / recipe_name)
+        check = level.verification
+        level_records.append({
+            "level": level.level, "file": name, "size": (out_dir / name).stat().st_size,
+            "sha256": sha256_file(out_dir / name), "bits_per_weight": round(check.bits_per_weight, 4),
+            "type_counts": check.type_counts, "summary": check.summary, "n_tensors": check.n_tensors,
+            "recipe": {"id": level.recipe.id, "base": level.recipe.base, "file": recipe_name,
+                       "sha256": level.recipe.digest, "provenance": level.recipe.provenance},
+        })
+    imatrix_record = imatrix.describe()
+    result = {
+        "udquant_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": {"source": model.repo_id or model.name, "repo_id": model.repo_id,
+                   "revision": model.revision, "hf_architecture": model.hf_architecture,
+                   "llama_arch": model.llama_arch, "n_params": model.n_params,
+                   "no_mtp": model.needs_no_mtp},
+        "llama_cpp": toolchain.describe(),
+        "imatrix": imatrix_record,
+        "levels": level_records,
+        "timings": timings,
+    }
+    _write_text(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain))
+    result_path = out_dir / RESULT_NAME
+    _write_text(result_path, json.dumps(result, indent=2) + "\n")
+    return result_path

@@ -1,0 +1,71 @@
+"""Quantize a BF16 GGUF with llama-quantize, every tensor's type given explicitly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from udquant.errors import RecipeError
+from udquant.imatrix import Imatrix
+from udquant.progress import StageProgress
+from udquant.recipe import NEEDS_IMATRIX, QuantPlan
+from udquant.runner import run_tool
+from udquant.toolchain import Toolchain
+
+TENSOR_TYPES_NAME = "tensor-types.txt"
+IMATRIX_NAME = "imatrix.gguf"
+
+
+def build_quantize_args(toolchain: Toolchain, source: Path, output: Path, plan: QuantPlan,
+                        *, tensor_types: Path, imatrix: Path | None, threads: int) -> list[str]:
+    args = [str(toolchain.tool("llama-quantize")), "--tensor-type-file", str(tensor_types)]
+    if imatrix is not None:
+        args += ["--imatrix", str(imatrix)]
+    return args + [str(source), str(output), plan.recipe.base, str(threads)]
+
+
+def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None) -> None:
+    """IQ1/IQ2/IQ3_XXS types cannot be made without imatrix entries for their tensors."""
+    needing = [t.name for t in plan.tensors if t.quantized and t.wanted in NEEDS_IMATRIX]
+    covered = imatrix.widths if imatrix else {}
+    missing = [name for name in needing if name not in covered]
+    if missing:
+        raise RecipeError(
+            f"recipe {plan.recipe.id} asks for {', '.join(sorted({t.wanted for t in plan.tensors if t.name in missing}))} "
+            f"on {len(missing)} tensors without imatrix entries, e.g. {', '.join(missing[:5])}",
+            hint="give an imatrix that covers them, or a recipe with other types there")
+
+
+def quantize_model(toolchain: Toolchain, source: Path, plan: QuantPlan, output: Path, *,
+                   imatrix: Imatrix | None, log_path: Path, threads: int | None = None,
+                   progress: StageProgress | None = None) -> Path:
+    """Write output from source following plan; the file appears only when complete.
+
+    Runs inside output's folder with relative names, so that the imatrix path llama-quantize
+    records in the file (quantize.imatrix.file) reveals nothing local.
+    """
+    check_imatrix_coverage(plan, imatrix)
+    workdir = output.parent
+    (workdir / TENSOR_TYPES_NAME).write_text("\n".join(plan.tensor_type_lines()) + "\n")
+    imatrix_arg = None
+    if imatrix is not None:
+        local = workdir / IMATRIX_NAME
+        if local.resolve() != imatrix.path.resolve():
+            local.unlink(missing_ok=True)
+            try:
+                os.link(imatrix.path, local)
+            except OSError:  # another file system
+                shutil.copyfile(imatrix.path, local)
+        imatrix_arg = Path(IMATRIX_NAME)
+    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
+    args = build_quantize_args(toolchain, source.resolve(), Path(partial.name), plan,
+                               tensor_types=Path(TENSOR_TYPES_NAME), imatrix=imatrix_arg,
+                               threads=threads or os.cpu_count() or 1)
+    try:
+        run_tool(args, stage="quantize", log_path=log_path, cwd=workdir, progress=progress)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(output)
+    return output

@@ -1,0 +1,238 @@
+"""Recipes: ordered, anchored rules (tensor name -> ggml type), loaded from recipes/*.yaml.
+
+A recipe is data. plan_quantization() turns it into an explicit type for every tensor of
+one model, predicting what llama-quantize will really write (its silent K-quant fallbacks
+included), so that nothing is left to llama.cpp's layer-counting default mixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from udquant.errors import RecipeError
+from udquant.gguf_header import GGUFHeader, TensorInfo, ggml_type_name, parse_ggml_type
+from udquant.library import recipes_dir
+
+# llama-quantize's base types (ftypes) a recipe may name.
+BASE_FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+               "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS", "IQ4_NL", "IQ3_XXS", "IQ3_S", "IQ3_M",
+               "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
+# What llama-quantize writes instead when a row length does not fit the type's block
+# (tensor_type_fallback in src/llama-quant.cpp); it still exits 0.
+FALLBACKS = {
+    "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl",
+    "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl",
+    "q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0",
+}
+# Types llama-quantize refuses to make without importance-matrix entries.
+NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs")
+# Name parts llama-quantize never quantizes (tensor_allows_quantization, llama-quant.cpp).
+NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup",
+                   "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
+                   "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_",
+                   "attn_rel_b.weight", ".position_embd", ".rel_pos", ".patch_embd",
+                   "position_embd.weight", "token_types.weight")
+SELECTORS = ("all", "more_bits")
+MAX_PATTERN_LENGTH = 300
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    type: str
+    select: str = "all"
+    layers: tuple[int, ...] | None = None
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.match, name) is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    id: str
+    level: str
+    arch: str
+    base: str
+    rules: tuple[Rule, ...]
+    provenance: dict[str, Any]
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    source_path: Path | None = None
+
+    @property
+    def digest(self) -> str:
+        text = self.source_path.read_bytes() if self.source_path else repr(self).encode()
+        return hashlib.sha256(text).hexdigest()
+
+
+def use_more_bits(index: int, count: int) -> bool:
+    """llama.cpp's rule for which layers of a Q4_K_M/Q5_K_M mixture get Q6_K."""
+    return index < count // 8 or index >= 7 * count // 8 or (index - count // 8) % 3 == 2
+
+
+def layer_of(name: str) -> int:
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def is_quantizable(tensor: TensorInfo) -> bool:
+    """Whether llama-quantize would quantize this tensor at all."""
+    return (len(tensor.shape) >= 2 and tensor.name.endswith("weight")
+            and not any(part in tensor.name for part in NEVER_QUANTIZED))
+
+
+def _check_type(name: Any, where: str) -> str:
+    try:
+        return ggml_type_name(parse_ggml_type(str(name)))
+    except ValueError:
+        raise RecipeError(f"{where}: unknown ggml type {name!r}") from None
+
+
+def parse_recipe(data: Any, where: str, source_path: Path | None = None) -> Recipe:
+    """Validate a recipe document; every problem is a RecipeError naming where it is."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping with id, arch, base and rules")
+    missing = [key for key in ("id", "arch", "base", "rules") if key not in data]
+    if missing:
+        raise RecipeError(f"{where}: missing {', '.join(missing)}")
+    base = str(data["base"]).upper()
+    if base not in BASE_FTYPES:
+        raise RecipeError(f"{where}: base {data['base']!r} is not a llama-quantize type "
+                          f"({', '.join(BASE_FTYPES)})")
+    if not isinstance(data["rules"], list) or not data["rules"]:
+        raise RecipeError(f"{where}: rules must be a non-empty list")
+    rules = []
+    for index, raw in enumerate(data["rules"]):
+        at = f"{where}: rule {index + 1}"
+        if not isinstance(raw, dict) or "match" not in raw or "type" not in raw:
+            raise RecipeError(f"{at}: each rule needs 'match' and 'type'")
+        pattern = str(raw["match"])
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            raise RecipeError(f"{at}: pattern longer than {MAX_PATTERN_LENGTH} characters")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise RecipeError(f"{at}: invalid regular expression {pattern!r}: {err}") from None
+        select = str(raw.get("select", "all"))
+        if select not in SELECTORS:
+            raise RecipeError(f"{at}: select must be one of {', '.join(SELECTORS)}, not {select!r}")
+        layers = raw.get("layers")
+        if layers is not None and (not isinstance(layers, list)
+                                   or not all(isinstance(n, int) and n >= 0 for n in layers)):
+            raise RecipeError(f"{at}: layers must be a list of layer numbers")
+        rules.append(Rule(pattern, _check_type(raw["type"], at), select,
+                          tuple(layers) if layers is not None else None))
+    fallbacks_raw = data.get("fallbacks") or {}
+    if not isinstance(fallbacks_raw, dict):
+        raise RecipeError(f"{where}: fallbacks must map a type to the type accepted instead")
+    fallbacks = {_check_type(k, f"{where}: fallbacks"): _check_type(v, f"{where}: fallbacks")
+                 for k, v in fallbacks_raw.items()}
+    return Recipe(id=str(data["id"]), level=str(data.get("level", data["id"])),
+                  arch=str(data["arch"]), base=base, rules=tuple(rules),
+                  provenance=dict(data.get("provenance") or {}), fallbacks=fallbacks,
+                  source_path=source_path)
+
+
+def load_recipe(path: Path) -> Recipe:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    return parse_recipe(data, str(path), source_path=path)
+
+
+def find_recipe(level: str, arch: str) -> Recipe:
+    """The library recipe for a level: the architecture's own, else the generic one."""
+    root = recipes_dir()
+    for candidate in (root / arch / f"{level}.yaml", root / "generic" / f"{level}.yaml"):
+        if candidate.is_file():
+            return load_recipe(candidate)
+    levels = sorted({p.stem for p in root.glob("*/*.yaml")})
+    raise RecipeError(f"no recipe for level {level!r} (architecture {arch}); "
+                      f"levels in the library: {', '.join(levels)}")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    source_type: str
+    wanted: str  # what the recipe asks for
+    expected: str  # what llama-quantize will write: wanted, or a declared fallback
+    rule: int | None  # index of the rule that chose it; None when never quantized
+
+    @property
+    def quantized(self) -> bool:
+        return self.rule is not None
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    recipe: Recipe
+    tensors: tuple[TensorPlan, ...]
+
+    def tensor_type_lines(self) -> list[str]:
+        """One anchored --tensor-type-file line for every quantized tensor."""
+        return [f"^{re.escape(t.name)}$={t.wanted}" for t in self.tensors if t.quantized]
+
+    def undeclared_fallbacks(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.quantized and _fallback_of(t.wanted, t.shape[0]) != t.wanted
+                and t.expected == t.wanted]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(self.tensor_type_lines()).encode()).hexdigest()
+
+
+def _fallback_of(type_name: str, row_length: int) -> str:
+    """The type llama-quantize really writes for type_name on rows of row_length."""
+    current = type_name
+    if row_length % GGML_QUANT_SIZES[parse_ggml_type(current)][0] == 0:
+        return current
+    current = FALLBACKS.get(current, current)
+    if row_length % GGML_QUANT_SIZES[parse_ggml_type(current)][0] != 0:
+        return "f16"
+    return current
+
+
+def plan_quantization(recipe: Recipe, header: GGUFHeader) -> QuantPlan:
+    """An explicit type for every tensor of the model whose header is given."""
+    candidates = [t for t in header.tensors if is_quantizable(t)]
+    chosen: dict[str, int] = {}
+    for index, rule in enumerate(recipe.rules):
+        pending = sorted((t for t in candidates if t.name not in chosen and rule.matches(t.name)),
+                         key=lambda t: (layer_of(t.name), t.name))
+        for ordinal, tensor in enumerate(pending):
+            if rule.layers is not None and layer_of(tensor.name) not in rule.layers:
+                continue
+            if rule.select == "more_bits" and not use_more_bits(ordinal, len(pending)):
+                continue
+            chosen[tensor.name] = index
+    untyped = [t.name for t in candidates if t.name not in chosen]
+    if untyped:
+        raise RecipeError(f"recipe {recipe.id} leaves {len(untyped)} tensors without a type, "
+                          f"e.g. {', '.join(untyped[:5])}", hint="end the rules with a catch-all: match: '.*'")
+    plans = []
+    for tensor in header.tensors:
+        source = tensor.type_name
+        if tensor.name not in chosen:
+            plans.append(TensorPlan(tensor.name, tensor.shape, source, source, source, None))
+            continue
+        wanted = recipe.rules[chosen[tensor.name]].type
+        real = _fallback_of(wanted, tensor.shape[0])
+        expected = real if recipe.fallbacks.get(wanted) == real else wanted
+        plans.append(TensorPlan(tensor.name, tensor.shape, source, wanted, expected, chosen[tensor.name]))
+    return QuantPlan(recipe, tuple(plans))
+
+
+def quantized_type_set() -> frozenset[GGMLQuantizationType]:
+    return frozenset(t for t in GGMLQuantizationType if GGML_QUANT_SIZES[t][0] > 1)

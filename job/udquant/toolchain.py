@@ -1,0 +1,89 @@
+"""Find the pinned llama.cpp build (binaries + converter) and describe it.
+
+Looked up in order: $UDQUANT_LLAMA_CPP (a directory made by scripts/build-toolchain.sh),
+then the build cache ($UDQUANT_CACHE_DIR, the repository's .cache/, ~/.cache/udquant).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from udquant.errors import ToolchainError
+
+PINNED_TAG = "b11434"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
+BUILD_HINT = "build it with: scripts/build-toolchain.sh (or set UDQUANT_LLAMA_CPP to its output)"
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    root: Path
+    tag: str
+    commit: str
+    backend: str  # "cpu" or "cuda"
+    source: str
+    tree_sha256: str
+
+    def tool(self, name: str) -> Path:
+        return self.root / "bin" / name
+
+    @property
+    def converter(self) -> Path:
+        return self.root / "src" / "convert_hf_to_gguf.py"
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.backend != "cpu"
+
+    def describe(self) -> dict[str, str]:
+        return {"tag": self.tag, "commit": self.commit, "backend": self.backend,
+                "source": self.source, "tree_sha256": self.tree_sha256}
+
+
+def _cache_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("UDQUANT_CACHE_DIR"):
+        roots.append(Path(os.environ["UDQUANT_CACHE_DIR"]))
+    roots.append(Path(__file__).resolve().parents[2] / ".cache")
+    roots.append(Path.home() / ".cache" / "udquant")
+    return roots
+
+
+def load_toolchain(root: Path) -> Toolchain:
+    """Read and check one toolchain directory."""
+    manifest = root / "toolchain.json"
+    if not manifest.is_file():
+        raise ToolchainError(f"{root} is not a udquant toolchain (no toolchain.json)", hint=BUILD_HINT)
+    info = json.loads(manifest.read_text())
+    if info.get("tag") != PINNED_TAG:
+        raise ToolchainError(
+            f"{root} holds llama.cpp {info.get('tag')}, this udquant is pinned to {PINNED_TAG}",
+            hint=BUILD_HINT)
+    toolchain = Toolchain(root=root, tag=info["tag"], commit=info.get("commit", ""),
+                          backend=info.get("backend", "cpu"), source=info.get("source", ""),
+                          tree_sha256=info.get("tree_sha256", ""))
+    missing = [name for name in TOOLS if not os.access(toolchain.tool(name), os.X_OK)]
+    if not toolchain.converter.is_file():
+        missing.append("src/convert_hf_to_gguf.py")
+    if missing:
+        raise ToolchainError(f"toolchain {root} is incomplete: missing {', '.join(missing)}",
+                             hint=BUILD_HINT)
+    return toolchain
+
+
+def find_toolchain() -> Toolchain:
+    """The toolchain the job runs: $UDQUANT_LLAMA_CPP, else the newest cached build."""
+    explicit = os.environ.get("UDQUANT_LLAMA_CPP")
+    if explicit:
+        return load_toolchain(Path(explicit))
+    candidates: list[Path] = []
+    for root in _cache_roots():
+        candidates.extend((root / "llama.cpp").glob(f"{PINNED_TAG}-*/toolchain.json"))
+    if not candidates:
+        raise ToolchainError(f"no llama.cpp {PINNED_TAG} build found", hint=BUILD_HINT)
+    # Prefer a GPU build when several exist, then the most recent.
+    candidates.sort(key=lambda p: ("-cpu-" not in p.parent.name, p.stat().st_mtime), reverse=True)
+    return load_toolchain(candidates[0].parent)

