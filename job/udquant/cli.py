@@ -18,43 +18,28 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from udquant import __version__
-from udquant.errors import (
-    CorruptGGUFError,
-    DiskSpaceError,
-    HubError,
-    ImatrixMismatchError,
-    InputError,
-    ToolchainError,
-    ToolError,
-    UdquantError,
-    VerificationError,
-)
+from udquant.errors import InputError, UdquantError
 from udquant.job import DEFAULT_LEVEL, JobOptions, JobResult, run_job
 
 logger = logging.getLogger("udquant")
 
-# Documented in the README; tests assert them.
-EXIT_CODES: dict[type[UdquantError], int] = {
-    InputError: 2, ImatrixMismatchError: 3, ToolError: 4, VerificationError: 5,
-    CorruptGGUFError: 6, DiskSpaceError: 7, ToolchainError: 8, HubError: 9,
-}
+# Exit codes of errors are set on the error classes (errors.py) and listed in the README.
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
 
-def exit_code_for(error: UdquantError) -> int:
-    for kind in type(error).__mro__:
-        if kind in EXIT_CODES:
-            return EXIT_CODES[kind]  # type: ignore[index]
-    return 1
-
-
 def _configure_logging(verbose: bool) -> None:
-    console = Console(stderr=True)
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False,
-                          rich_tracebacks=False)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[handler], force=True)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs and CI: one unwrapped line per message
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    # huggingface_hub and others stay at warnings unless asked.
+    for name in ("huggingface_hub", "httpx", "filelock"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +98,7 @@ def _run(action: str, func: object, args: argparse.Namespace) -> int:
         return int(func(args))  # type: ignore[operator]
     except UdquantError as err:
         logger.error("%s failed: %s", action, err)
-        return exit_code_for(err)
+        return err.exit_code
     except KeyboardInterrupt:
         logger.error("interrupted; rerun the same command to continue where it stopped")
         return EXIT_INTERRUPTED

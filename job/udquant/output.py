@@ -78,23 +78,27 @@ def gguf_file_name(model: ModelInfo, level: str) -> str:
     return f"{model.name}-{level}.gguf"
 
 
+def _provenance_text(provenance: dict[str, Any]) -> str:
+    return str(provenance.get("note") or provenance.get("kind") or "unknown")
+
+
 def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[str, Any],
                 toolchain: Toolchain) -> str:
+    tags = ["gguf", "ud-quant", "quantized", "udquant"]
+    if imatrix["source"] != "none":
+        tags.insert(1, "imatrix")
     front = {
         "base_model": model.repo_id or model.name,
         "base_model_relation": "quantized",
         "library_name": "gguf",
-        "tags": ["gguf", "imatrix", "ud-quant", "quantized", "udquant"],
+        "tags": tags,
         "quantized_by": "udquant",
     }
-    if imatrix["source"] == "none":
-        front["tags"].remove("imatrix")
     file_rows = "\n".join(
         f"| {lv['level']} | `{lv['file']}` | {lv['size'] / 1e9:.2f} GB | {lv['bits_per_weight']:.2f} "
         f"| `{lv['recipe']['id']}` |" for lv in levels)
     type_rows = "\n".join(f"- **{lv['level']}**: {lv['summary']}" for lv in levels)
-    provenance = "; ".join(f"`{lv['recipe']['id']}`: {lv['recipe']['provenance'].get('note', lv['recipe']['provenance'].get('kind', 'unknown'))}"
-                           for lv in levels)
+    provenance = "; ".join(f"`{lv['recipe']['id']}`: {_provenance_text(lv['recipe']['provenance'])}" for lv in levels)
     if imatrix["source"] == "none":
         imatrix_text = "none"
     else:

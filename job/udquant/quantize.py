@@ -22,7 +22,7 @@ def build_quantize_args(toolchain: Toolchain, source: Path, output: Path, plan: 
     args = [str(toolchain.tool("llama-quantize")), "--tensor-type-file", str(tensor_types)]
     if imatrix is not None:
         args += ["--imatrix", str(imatrix)]
-    return args + [str(source), str(output), plan.recipe.base, str(threads)]
+    return [*args, str(source), str(output), plan.recipe.base, str(threads)]
 
 
 def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None) -> None:
@@ -31,9 +31,10 @@ def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None) -> None:
     covered = imatrix.widths if imatrix else {}
     missing = [name for name in needing if name not in covered]
     if missing:
+        types = sorted({t.wanted for t in plan.tensors if t.name in missing})
         raise RecipeError(
-            f"recipe {plan.recipe.id} asks for {', '.join(sorted({t.wanted for t in plan.tensors if t.name in missing}))} "
-            f"on {len(missing)} tensors without imatrix entries, e.g. {', '.join(missing[:5])}",
+            f"recipe {plan.recipe.id} asks for {', '.join(types)} on {len(missing)} tensors "
+            f"without imatrix entries, e.g. {', '.join(missing[:5])}",
             hint="give an imatrix that covers them, or a recipe with other types there")
 
 

@@ -54,13 +54,13 @@ def supported_architectures() -> dict[str, str]:
 def validate_repo_id(repo_id: str) -> str:
     if not REPO_ID.match(repo_id) or repo_id.endswith(".git"):
         raise InputError(
-            f"{repo_id!r} is not a Hugging Face repo id",
+            f"{repo_id!r} is neither an existing directory nor a Hugging Face repo id",
             hint="write it as owner/name (letters, digits, '-', '_', '.'), or give an existing local directory")
     return repo_id
 
 
 def looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).exists()
+    return source.startswith((".", "/", "~")) or Path(source).exists()
 
 
 def read_safetensors_shapes(path: Path) -> dict[str, list[int]]:

@@ -31,7 +31,7 @@ class StageDir:
         marker = self.path / DONE
         try:
             record = json.loads(marker.read_text())
-            output = self.path / record["output"]
+            output = self.path / str(record["output"])
             if output.is_file() and output.stat().st_size == record["size"]:
                 return output
         except (OSError, ValueError, KeyError, TypeError):

@@ -1,0 +1,167 @@
+"""The whole job through its real CLI, with the real converter and llama.cpp binaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from tests.e2e.conftest import FAST_IMATRIX, run_cli
+from udquant.gguf_header import read_gguf_header
+from udquant.output import sha256_file
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def llama_run(llama, toolchain, tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-run")
+    proc = run_cli(llama, "--work-dir", root / "work", "--out-dir", root / "out", *FAST_IMATRIX, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root, proc
+
+
+def types_of(path: Path) -> dict[str, str]:
+    return {t.name: t.type_name for t in read_gguf_header(path).tensors}
+
+
+def test_last_line_is_the_output_folder(llama_run):
+    root, proc = llama_run
+    assert proc.stdout.strip().splitlines()[-1] == str((root / "out").resolve())
+    assert "q8_0: 2 tensors, q6_K: 4, q5_K: 24, f32: 9" in proc.stderr
+    for stage in ("resolve", "fetch", "convert", "imatrix", "quantize UD-Q5_K_XL", "output"):
+        assert stage in proc.stderr
+
+
+def test_recipe_equals_llama_cpp_q5_k_m_with_q8_0_embeddings(llama_run, toolchain):
+    """The built-in recipe reproduces llama.cpp's own Q5_K_M choice, tensor by tensor."""
+    root, _ = llama_run
+    bf16 = next((root / "work").glob("convert-*/model-bf16.gguf"))
+    reference = root / "reference.gguf"
+    subprocess.run([toolchain.tool("llama-quantize"), "--token-embedding-type", "q8_0", "--output-tensor-type",
+                    "q8_0", bf16, reference, "Q5_K_M"], check=True, capture_output=True)
+    ours = types_of(root / "out" / "tiny-llama-UD-Q5_K_XL.gguf")
+    assert ours == types_of(reference)
+    assert ours["token_embd.weight"] == "q8_0" and ours["blk.3.ffn_down.weight"] == "q6_K"
+
+
+def test_result_json_and_card(llama_run, toolchain):
+    root, _ = llama_run
+    out = root / "out"
+    result = json.loads((out / "udquant-result.json").read_text())
+    level = result["levels"][0]
+    assert level["level"] == "UD-Q5_K_XL" and level["recipe"]["id"] == "generic/UD-Q5_K_XL"
+    assert level["type_counts"] == {"q8_0": 2, "q6_K": 4, "q5_K": 24, "f32": 9}
+    assert level["sha256"] == sha256_file(out / level["file"])
+    assert 5.5 < level["bits_per_weight"] < 8.5
+    assert result["llama_cpp"]["tag"] == "b11434" and result["llama_cpp"]["tree_sha256"] == toolchain.tree_sha256
+    assert result["imatrix"]["source"] == "computed"
+    assert result["imatrix"]["datasets"] == ["udquant-calibration.txt"]
+    assert result["inputs"]["llama_arch"] == "llama" and result["inputs"]["n_params"] > 0
+    assert {"convert", "imatrix", "quantize UD-Q5_K_XL"} <= set(result["timings"])
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model_relation == "quantized"
+    assert {"gguf", "imatrix", "ud-quant"} <= set(card.data.tags)
+    assert "q8_0: 2 tensors, q6_K: 4, q5_K: 24, f32: 9" in card.text
+    assert (out / "tiny-llama-UD-Q5_K_XL.recipe.yaml").is_file()
+
+
+def test_no_local_paths_leak_into_the_gguf(llama_run):
+    root, _ = llama_run
+    metadata = read_gguf_header(root / "out" / "tiny-llama-UD-Q5_K_XL.gguf").metadata
+    assert metadata["quantize.imatrix.file"] == "imatrix.gguf"
+    assert metadata["quantize.imatrix.dataset"] == "udquant-calibration.txt"
+    assert not any(str(root) in str(value) for value in metadata.values())
+
+
+def test_two_levels_convert_and_compute_the_imatrix_once(qwen3, toolchain, tmp_path):
+    args = [qwen3, "--quant", "UD-Q5_K_XL", "--quant", "UD-Q4_K_XL", "--work-dir", tmp_path / "work",
+            "--out-dir", tmp_path / "out", *FAST_IMATRIX]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    work = tmp_path / "work"
+    assert len(list(work.glob("convert-*"))) == 1 and len(list(work.glob("imatrix-*"))) == 1
+    assert len(list(work.glob("quantize-*"))) == 2
+    q4 = types_of(tmp_path / "out" / "tiny-qwen3-UD-Q4_K_XL.gguf")
+    assert q4["blk.0.ffn_up.weight"] == "q4_K" and q4["output.weight"] == "q8_0"
+    assert "blk.0.attn_q_norm.weight" in q4  # qwen3's own tensors went through
+    digests = {p.name: sha256_file(p) for p in (tmp_path / "out").glob("*.gguf")}
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    timings = json.loads((tmp_path / "out" / "udquant-result.json").read_text())["timings"]
+    assert all(timings[s]["cached"] for s in ("convert", "imatrix", "quantize UD-Q5_K_XL", "quantize UD-Q4_K_XL"))
+    assert digests == {p.name: sha256_file(p) for p in (tmp_path / "out").glob("*.gguf")}
+
+
+def test_k_quant_fallback_fails_verification(odd_llama, toolchain, tmp_path):
+    proc = run_cli(odd_llama, "--imatrix", "none", "--work-dir", tmp_path / "work", "--out-dir",
+                   tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 5, proc.stderr
+    assert "does not match recipe generic/UD-Q5_K_XL" in proc.stderr
+    assert "expected q5_K, got q5_1 (llama-quantize fell back: row length 320 is not a multiple of 256" in proc.stderr
+    assert "will fall back and verification will fail" in proc.stderr  # warned before quantizing
+    assert not list((tmp_path / "out").glob("*.gguf")) if (tmp_path / "out").exists() else True
+
+
+def test_imatrix_of_another_model_is_refused(llama_run, odd_llama, tmp_path):
+    root, _ = llama_run
+    imatrix = next((root / "work").glob("imatrix-*/imatrix.gguf"))
+    proc = run_cli(odd_llama, "--imatrix", imatrix, "--work-dir", tmp_path / "work", "--out-dir",
+                   tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "does not fit this model's tensor widths" in proc.stderr
+    assert "blk.0.ffn_down.weight: imatrix width 512, tensor row length 640" in proc.stderr
+
+
+def test_truncated_imatrix_is_reported(llama_run, llama, tmp_path):
+    root, _ = llama_run
+    imatrix = next((root / "work").glob("imatrix-*/imatrix.gguf"))
+    broken = tmp_path / "broken.imatrix.gguf"
+    broken.write_bytes(imatrix.read_bytes()[:-64])
+    proc = run_cli(llama, "--imatrix", broken, "--work-dir", tmp_path / "work", cwd=tmp_path)
+    assert proc.returncode == 6, proc.stderr
+    assert "truncated" in proc.stderr
+
+
+def test_tool_failure_shows_its_output(llama_run, llama, tmp_path):
+    root, _ = llama_run
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill one chunk.")
+    proc = run_cli(llama, "--calibration", short, "--work-dir", root / "work", "--out-dir", tmp_path / "out",
+                   *FAST_IMATRIX, cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert "imatrix: llama-imatrix exited with code" in proc.stderr
+    assert "tokens" in proc.stderr  # llama-imatrix's own words about the text being too short
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_enough_disk(llama, toolchain, tmp_path):
+    proc = run_cli(llama, "--disk-reserve-gb", "1e9", "--work-dir", tmp_path / "work", cwd=tmp_path)
+    assert proc.returncode == 7, proc.stderr
+    assert "not enough disk space" in proc.stderr
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("convert-*"))
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("not a repo", "is neither an existing directory nor a Hugging Face repo id"),
+    ("./no/such/dir", "no such directory"),
+])
+def test_bad_source(source, message, tmp_path):
+    proc = run_cli(source, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_bad_imatrix_option(llama, tmp_path):
+    proc = run_cli(llama, "--imatrix", "sometimes", cwd=tmp_path)
+    assert proc.returncode == 2 and "--imatrix must be none, compute or an existing file" in proc.stderr
+
+
+def test_udquant_job_subcommand_is_the_same(llama_run, llama, tmp_path):
+    root, _ = llama_run
+    proc = run_cli("job", llama, "--work-dir", root / "work", "--out-dir", tmp_path / "out", *FAST_IMATRIX,
+                   cwd=tmp_path, program="udquant")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str((tmp_path / "out").resolve())

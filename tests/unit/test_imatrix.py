@@ -1,0 +1,98 @@
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from tests.layouts import header_of, llama_layout
+from udquant.errors import ImatrixMismatchError, InputError
+from udquant.imatrix import check_imatrix_fits, read_imatrix
+
+
+def write_dat(path: Path, entries: dict[str, int], chunks: int = 10, dataset: str = "calib.txt") -> None:
+    out = struct.pack("<i", len(entries))
+    for name, width in entries.items():
+        raw = name.encode()
+        out += struct.pack("<i", len(raw)) + raw + struct.pack("<ii", chunks, width)
+        out += np.ones(width, dtype=np.float32).tobytes()
+    out += struct.pack("<i", chunks) + struct.pack("<i", len(dataset)) + dataset.encode()
+    path.write_bytes(out)
+
+
+def write_gguf_imatrix(path: Path, entries: dict[str, int]) -> None:
+    writer = GGUFWriter(str(path), arch="")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["calibration-v1.txt"])
+    writer.add_uint32("imatrix.chunk_count", 12)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    for name, width in entries.items():
+        writer.add_tensor(f"{name}.in_sum2", np.ones((1, width), dtype=np.float32))
+        writer.add_tensor(f"{name}.counts", np.ones((1, 1), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+MODEL = header_of(llama_layout())
+GOOD = {"blk.0.attn_q.weight": 256, "blk.0.ffn_down.weight": 512}
+
+
+@pytest.mark.parametrize("fmt", ["dat", "gguf"])
+def test_both_formats_read_and_fit(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    (write_dat if fmt == "dat" else write_gguf_imatrix)(path, GOOD)
+    imatrix = read_imatrix(path)
+    assert imatrix.format == fmt
+    assert imatrix.widths == GOOD
+    assert imatrix.chunk_count in (10, 12)
+    assert imatrix.datasets in (("calib.txt",), ("calibration-v1.txt",))
+    check_imatrix_fits(imatrix, MODEL)
+
+
+def test_width_mismatch_lists_tensors(tmp_path):
+    path = tmp_path / "m.dat"
+    write_dat(path, {"blk.0.attn_q.weight": 320, "blk.0.ffn_down.weight": 512})
+    with pytest.raises(ImatrixMismatchError) as err:
+        check_imatrix_fits(read_imatrix(path), MODEL)
+    assert "blk.0.attn_q.weight: imatrix width 320, tensor row length 256" in str(err.value)
+
+
+def test_other_model_is_refused(tmp_path):
+    path = tmp_path / "m.dat"
+    write_dat(path, {"model.layers.0.mlp.down_proj.weight": 512})
+    with pytest.raises(ImatrixMismatchError, match="made for another model"):
+        check_imatrix_fits(read_imatrix(path), MODEL)
+
+
+def test_extra_entries_are_refused(tmp_path):
+    path = tmp_path / "m.dat"
+    write_dat(path, GOOD | {"blk.9.ffn_down.weight": 512})
+    with pytest.raises(ImatrixMismatchError, match="tensors this model lacks"):
+        check_imatrix_fits(read_imatrix(path), MODEL)
+
+
+def test_garbage_and_truncated_files(tmp_path):
+    path = tmp_path / "m.dat"
+    write_dat(path, GOOD)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(InputError, match="truncated"):
+        read_imatrix(path)
+    path.write_bytes(b"\xff\xff\xff\xff")
+    with pytest.raises(InputError, match="not an imatrix file"):
+        read_imatrix(path)
+    with pytest.raises(InputError, match="imatrix file not found"):
+        read_imatrix(tmp_path / "none.dat")
+
+
+def test_a_model_gguf_is_not_an_imatrix(tmp_path):
+    path = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(InputError, match="not an imatrix"):
+        read_imatrix(path)

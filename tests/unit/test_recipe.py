@@ -1,0 +1,141 @@
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from gguf import GGMLQuantizationType as T
+
+from tests.layouts import header_of, llama_layout, qwen35_layout
+from udquant.errors import RecipeError
+from udquant.recipe import find_recipe, load_recipe, parse_recipe, plan_quantization, use_more_bits
+
+
+def counts(plan):
+    return Counter(t.expected for t in plan.tensors)
+
+
+def test_generic_ud_q5_on_qwen35_27b_matches_the_hand_made_quant():
+    # The known figures of the hand-made UD-Q5_K_XL of a Qwen3.5-27B distill.
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "qwen35"), header_of(qwen35_layout()))
+    assert counts(plan) == {"q8_0": 2, "q6_K": 64, "q5_K": 432, "f32": 353}
+    assert len(plan.tensors) == 851
+
+
+def test_more_bits_layers_follow_llama_cpp_counters():
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "qwen35"), header_of(qwen35_layout()))
+    by_name = {t.name: t.expected for t in plan.tensors}
+    # attn_v and attn_qkv share one counter over all 64 layers.
+    attn = [by_name.get(f"blk.{i}.attn_qkv.weight") or by_name[f"blk.{i}.attn_v.weight"] for i in range(64)]
+    assert attn == ["q6_K" if use_more_bits(i, 64) else "q5_K" for i in range(64)]
+    assert [by_name[f"blk.{i}.ffn_down.weight"] for i in range(64)] == attn
+
+
+def test_use_more_bits_matches_llama_cpp():
+    picked = [i for i in range(32) if use_more_bits(i, 32)]
+    assert picked == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+def test_every_quantized_tensor_gets_an_anchored_line():
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), header_of(llama_layout()))
+    lines = plan.tensor_type_lines()
+    assert len(lines) == sum(t.quantized for t in plan.tensors) == 30
+    for line in lines:
+        pattern, _ = line.split("=")
+        assert pattern.startswith("^") and pattern.endswith("$")
+        # llama-quantize lower-cases patterns: ours must survive that unchanged.
+        assert pattern == pattern.lower()
+        name = pattern[1:-1].replace("\\", "")
+        assert re.search(pattern, name) and not re.search(pattern, "x" + name)
+    assert "^blk\\.3\\.attn_v\\.weight$=q6_K" in lines
+    assert "^blk\\.0\\.attn_v\\.weight$=q5_K" in lines
+
+
+def test_norms_and_conv_keep_their_source_type():
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "qwen35"), header_of(qwen35_layout(n_layers=4)))
+    by_name = {t.name: t for t in plan.tensors}
+    for name in ("blk.0.ssm_conv1d.weight", "blk.0.attn_norm.weight", "blk.0.ssm_a", "output_norm.weight"):
+        assert not by_name[name].quantized and by_name[name].expected == "f32"
+
+
+def test_odd_width_predicts_fallback_unless_declared(tmp_path):
+    header = header_of(llama_layout(hidden=320, ffn=640))
+    recipe = find_recipe("UD-Q5_K_XL", "llama")
+    plan = plan_quantization(recipe, header)
+    bad = plan.undeclared_fallbacks()
+    assert {t.wanted for t in bad} == {"q5_K", "q6_K"}
+    assert all(t.expected == t.wanted for t in bad)
+    data = yaml.safe_load(recipe.source_path.read_text())
+    data["fallbacks"] = {"q5_K": "q5_1", "q6_K": "q8_0"}
+    declared = plan_quantization(parse_recipe(data, "test"), header)
+    assert declared.undeclared_fallbacks() == []
+    assert counts(declared)["q5_1"] > 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rules": [{"match": "blk\\.(", "type": "q5_K"}]}, "invalid regular expression"),
+    ({"rules": [{"match": ".*", "type": "q9_K"}]}, "unknown ggml type 'q9_K'"),
+    ({"base": "Q7_K_M"}, "base 'Q7_K_M' is not a llama-quantize type"),
+    ({"rules": [{"match": ".*", "type": "q5_K", "select": "some"}]}, "select must be one of"),
+    ({"rules": [{"match": ".*", "type": "q5_K", "layers": "1,2"}]}, "layers must be a list"),
+    ({"rules": []}, "rules must be a non-empty list"),
+    ({"rules": [{"type": "q5_K"}]}, "each rule needs 'match' and 'type'"),
+])
+def test_invalid_recipes_are_rejected(change, message):
+    data = {"id": "t", "arch": "any", "base": "Q5_K_M", "rules": [{"match": ".*", "type": "q5_K"}]} | change
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        parse_recipe(data, "test.yaml")
+
+
+def test_missing_keys_are_named():
+    with pytest.raises(RecipeError, match="missing arch, base"):
+        parse_recipe({"id": "t", "rules": []}, "test.yaml")
+
+
+def test_rules_that_leave_a_tensor_untyped_are_rejected():
+    recipe = parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M",
+                           "rules": [{"match": "blk\\..*", "type": "q5_K"}]}, "t.yaml")
+    with pytest.raises(RecipeError, match="leaves 2 tensors without a type, e.g. token_embd.weight, output.weight"):
+        plan_quantization(recipe, header_of(llama_layout()))
+
+
+def test_layer_lists_pick_exact_layers():
+    recipe = parse_recipe({"id": "t", "arch": "any", "base": "Q4_K_M", "rules": [
+        {"match": "blk\\.\\d+\\.ffn_down\\.weight", "type": "q8_0", "layers": [1, 3]},
+        {"match": ".*", "type": "q4_K"}]}, "t.yaml")
+    plan = plan_quantization(recipe, header_of(llama_layout()))
+    high = sorted(t.name for t in plan.tensors if t.expected == "q8_0")
+    assert high == ["blk.1.ffn_down.weight", "blk.3.ffn_down.weight"]
+
+
+def test_unknown_level_lists_the_library():
+    with pytest.raises(RecipeError, match="levels in the library: .*UD-Q5_K_XL"):
+        find_recipe("UD-Q9", "llama")
+
+
+def test_recipe_file_errors(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_every_library_recipe_loads():
+    from udquant.library import recipes_dir
+
+    paths = sorted(recipes_dir().glob("*/*.yaml"))
+    assert paths
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.provenance.get("kind") in ("derived", "template"), path
+        plan_quantization(recipe, header_of(llama_layout()))
+
+
+def test_source_types_other_than_bf16_are_kept_for_unquantized():
+    layout = llama_layout()
+    layout.append(("blk.0.ffn_gate_inp.weight", (256, 8), T.F16))
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), header_of(layout))
+    gate = next(t for t in plan.tensors if t.name == "blk.0.ffn_gate_inp.weight")
+    assert not gate.quantized and gate.expected == "f16"

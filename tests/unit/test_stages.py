@@ -1,0 +1,94 @@
+"""Command lines are pure functions; the runner, work dirs and disk checks on real files."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.layouts import header_of, llama_layout
+from udquant.convert import build_convert_args
+from udquant.errors import DiskSpaceError, ToolchainError, ToolError
+from udquant.fetch import check_disk_space
+from udquant.imatrix import ImatrixSettings, build_imatrix_args
+from udquant.quantize import build_quantize_args
+from udquant.recipe import find_recipe, plan_quantization
+from udquant.runner import run_tool
+from udquant.toolchain import Toolchain, load_toolchain
+from udquant.workdir import open_stage
+
+TOOLCHAIN = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
+
+
+def test_convert_args():
+    args = build_convert_args(TOOLCHAIN, Path("/m"), Path("/o.gguf"), no_mtp=True)
+    assert args[1:] == ["/tc/src/convert_hf_to_gguf.py", "/m", "--outtype", "bf16", "--outfile", "/o.gguf",
+                        "--no-mtp"]
+    assert "--no-mtp" not in build_convert_args(TOOLCHAIN, Path("/m"), Path("/o.gguf"), no_mtp=False)
+
+
+def test_imatrix_args_offload_only_with_gpu():
+    settings = ImatrixSettings(Path("c.txt"), chunks=8, context=128)
+    args = build_imatrix_args(TOOLCHAIN, Path("m.gguf"), Path("c.txt"), settings, Path("o.gguf"))
+    assert args == ["/tc/bin/llama-imatrix", "-m", "m.gguf", "-f", "c.txt", "-o", "o.gguf", "--output-format",
+                    "gguf", "-c", "128", "--chunks", "8", "--no-ppl"]
+    gpu = Toolchain(Path("/tc"), "b11434", "abc", "cuda", "git", "d" * 64)
+    assert build_imatrix_args(gpu, Path("m"), Path("c"), settings, Path("o"))[-2:] == ["-ngl", "99"]
+
+
+def test_quantize_args():
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), header_of(llama_layout()))
+    args = build_quantize_args(TOOLCHAIN, Path("in.gguf"), Path("out.gguf"), plan,
+                               tensor_types=Path("tt.txt"), imatrix=Path("im.gguf"), threads=4)
+    assert args == ["/tc/bin/llama-quantize", "--tensor-type-file", "tt.txt", "--imatrix", "im.gguf",
+                    "in.gguf", "out.gguf", "Q5_K_M", "4"]
+
+
+def test_tool_failure_carries_the_tail(tmp_path):
+    script = "import sys\nfor i in range(40): print('line', i)\nsys.exit(3)"
+    with pytest.raises(ToolError) as err:
+        run_tool([sys.executable, "-c", script], stage="convert", log_path=tmp_path / "x.log",
+                 hint_for={"line 39": "a hint"})
+    text = str(err.value)
+    assert "exited with code 3" in text and "line 39" in text and "line 5\n" not in text
+    assert "hint: a hint" in text
+    assert "line 0" in (tmp_path / "x.log").read_text()
+
+
+def test_stage_dirs_are_keyed_and_reused(tmp_path):
+    first = open_stage(tmp_path, "convert", {"a": 1})
+    assert open_stage(tmp_path, "convert", {"a": 2}).path != first.path
+    assert first.done_output() is None
+    output = first.path / "out.gguf"
+    output.write_bytes(b"x" * 10)
+    first.mark_done(output, 1.0)
+    assert open_stage(tmp_path, "convert", {"a": 1}).done_output() == output
+    output.write_bytes(b"x" * 5)  # changed after it was recorded: not done
+    assert first.done_output() is None
+
+
+def test_stale_partials_of_dead_writers_are_removed(tmp_path):
+    stage = open_stage(tmp_path, "quantize", {"a": 1})
+    dead = stage.path / "model.partial-999999999.gguf"
+    alive = stage.path / f"model.partial-{os.getppid()}.gguf"
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    open_stage(tmp_path, "quantize", {"a": 1})
+    assert not dead.exists() and alive.exists()
+
+
+def test_disk_space(tmp_path):
+    check_disk_space(tmp_path / "not" / "yet", 1)
+    with pytest.raises(DiskSpaceError, match=r"needs about .* GB are free"):
+        check_disk_space(tmp_path, 10**18)
+
+
+def test_toolchain_checks(tmp_path):
+    with pytest.raises(ToolchainError, match="no toolchain.json"):
+        load_toolchain(tmp_path)
+    (tmp_path / "toolchain.json").write_text('{"tag": "b1"}')
+    with pytest.raises(ToolchainError, match="pinned to b11434"):
+        load_toolchain(tmp_path)
+    (tmp_path / "toolchain.json").write_text('{"tag": "b11434"}')
+    with pytest.raises(ToolchainError, match="incomplete: missing llama-quantize"):
+        load_toolchain(tmp_path)
