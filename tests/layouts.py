@@ -3,6 +3,8 @@ BF16 conversions of real models, without their weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gguf import GGMLQuantizationType as T
 
 from udquant.gguf_header import GGUFHeader, TensorInfo
@@ -57,3 +59,34 @@ def llama_layout(n_layers: int = 4, hidden: int = 256, ffn: int = 512, vocab: in
 def header_of(layout: list[tuple[str, tuple[int, ...], T]]) -> GGUFHeader:
     tensors = tuple(TensorInfo(name, shape, dtype, 0) for name, shape, dtype in layout)
     return GGUFHeader(3, {"general.architecture": "test"}, tensors, 0, 32)
+
+
+def write_sparse_gguf(path: Path, layout: list[tuple[str, tuple[int, ...], T]], *, arch: str, block_count: int,
+                      vocab: int, file_type: int = 17) -> int:
+    """A GGUF whose header is real (metadata, a vocab-sized token list, every tensor) and whose
+    tensor data is a hole of the real size: a large template that costs no disk. Returns its size."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+
+    from udquant.gguf_header import read_gguf_header
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(block_count)
+    writer.add_file_type(file_type)
+    writer.add_token_list([f"token-{i:06d}" for i in range(vocab)])
+    for name, shape, dtype in layout:
+        block, size = GGML_QUANT_SIZES[dtype]
+        count = 1
+        for dim in shape:
+            count *= dim
+        writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), count // block * size,
+                               raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    header = read_gguf_header(path, check_data=False)
+    total = header.data_offset + header.data_size
+    with open(path, "r+b") as f:
+        f.truncate(total)
+    return total

@@ -79,8 +79,13 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         disk_reserve=int(args.disk_reserve_gb * 1e9), token=os.environ.get("HF_TOKEN"))
 
 
+def _note(text: str) -> None:
+    """A line for the person at the terminal (stderr), never wrapped."""
+    print(text, file=sys.stderr)
+
+
 def print_report(result: JobResult) -> None:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     table = Table(title="stage timings", title_justify="left")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
@@ -90,7 +95,7 @@ def print_report(result: JobResult) -> None:
     console.print(table)
     for level in result.levels:
         check = level.verification
-        console.print(f"{level.level}: {check.summary} ({check.bits_per_weight:.2f} BPW) -> verified")
+        _note(f"{level.level}: {check.summary} ({check.bits_per_weight:.2f} BPW) -> verified")
 
 
 def _run(action: str, func: object, args: argparse.Namespace) -> int:
@@ -139,6 +144,90 @@ def _toolchain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_extract(args: argparse.Namespace) -> int:
+    from udquant.extract import dump_recipe, type_counts
+    from udquant.recipe_commands import extract
+
+    document, layout = extract(args.source, file_glob=args.file, revision=args.revision,
+                               token=os.environ.get("HF_TOKEN"), recipe_id=args.id, level=args.level)
+    percent = 100 * layout.bytes_fetched / max(layout.bytes_total, 1)
+    _note(f"read {len(layout.files)} header(s): {layout.bytes_fetched:,} bytes of {layout.bytes_total:,} "
+                  f"({percent:.3f} %)")
+    types = ", ".join(f"{k}: {v}" for k, v in type_counts(layout.tensors).items())
+    rules = document["rules"]
+    assert isinstance(rules, list)
+    _note(f"{len(layout.tensors)} tensors ({types}) -> {len(rules)} rules, fidelity 100 %")
+    text = dump_recipe(document)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        print(args.output)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _recipe_show(args: argparse.Namespace) -> int:
+    from udquant.recipe_commands import layer_ranges, load_recipe_ref, report_for_model
+
+    recipe = load_recipe_ref(args.recipe)
+    print(f"id: {recipe.id}\narch: {recipe.arch}\nbase: {recipe.base}")
+    print(f"provenance: {recipe.provenance.get('kind', 'unknown')}: "
+          f"{recipe.provenance.get('note') or recipe.provenance.get('source', '')}")
+    for rule in recipe.rules:
+        extra = f" layers {layer_ranges(list(rule.layers))}" if rule.layers is not None else ""
+        extra += " (use_more_bits layers)" if rule.select == "more_bits" else ""
+        print(f"  {rule.match} -> {rule.type}{extra}")
+    if args.model:
+        report = report_for_model(recipe, args.model)
+        table = Table(title=f"on {args.model.name}", title_justify="left")
+        table.add_column("role")
+        table.add_column("types by layer")
+        for role, by_type in report.roles.items():
+            table.add_row(role, "; ".join(f"{t}: {layer_ranges(layers)}" for t, layers in by_type.items()))
+        Console().print(table)
+        print(", ".join(f"{k}: {v}" for k, v in report.counts.items()))
+        print(f"estimated size {report.size_bytes / 1e9:.3f} GB, {report.bits_per_weight:.2f} bits per weight")
+    return 0
+
+
+def _recipe_check(args: argparse.Namespace) -> int:
+    from udquant.errors import VerificationError
+    from udquant.recipe_commands import check, load_recipe_ref
+
+    fidelity = check(args.model, load_recipe_ref(args.recipe))
+    print(f"fidelity: {fidelity.matched}/{fidelity.total} tensors ({fidelity.percent:.1f} %)")
+    for line in fidelity.mismatches[:50]:
+        print(f"  {line}")
+    if fidelity.matched != fidelity.total:
+        raise VerificationError(f"{args.model.name} differs from the recipe in "
+                                f"{fidelity.total - fidelity.matched} tensors")
+    return 0
+
+
+def _add_recipe_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    recipe = commands.add_parser("recipe", help="extract, show and check recipes")
+    verbs = recipe.add_subparsers(dest="verb", required=True)
+    extract = verbs.add_parser("extract", help="read a template GGUF's header into a recipe")
+    extract.add_argument("source", help="a local .gguf (single file or first shard) or a Hub repo id")
+    extract.add_argument("--file", help="glob of the template in the Hub repo, e.g. '*UD-Q5_K_XL*'")
+    extract.add_argument("--revision", help="Hub revision of the template repo")
+    extract.add_argument("--id", help="recipe id (default: <arch>/<level>)")
+    extract.add_argument("--level", help="level name (default: from the file name)")
+    extract.add_argument("-o", "--output", type=Path, help="write the recipe here instead of stdout")
+    extract.set_defaults(func=_recipe_extract)
+    show = verbs.add_parser("show", help="print a recipe; with --model, the types it gives that model")
+    show.add_argument("recipe", help="library id (e.g. generic/UD-Q5_K_XL) or path")
+    show.add_argument("--model", type=Path, help="a GGUF of the model (its header is enough)")
+    show.set_defaults(func=_recipe_show)
+    check = verbs.add_parser("check", help="how faithfully MODEL.gguf follows RECIPE (exit 5 below 100 %%)")
+    check.add_argument("model", type=Path)
+    check.add_argument("recipe")
+    check.set_defaults(func=_recipe_check)
+    for parser in (extract, show, check):
+        parser.add_argument("-v", "--verbose", action="store_true")
+
+
 def job_main(argv: Sequence[str] | None = None) -> int:
     """udquant-job: the container entrypoint."""
     parser = argparse.ArgumentParser(prog="udquant-job", description="Make verified UD-style GGUF quants.")
@@ -161,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "udquant-demo")
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_demo)
+    _add_recipe_commands(commands)
     toolchain = commands.add_parser("toolchain", help="show the llama.cpp build the job uses")
     toolchain.add_argument("-v", "--verbose", action="store_true")
     toolchain.set_defaults(func=_toolchain)

@@ -20,7 +20,7 @@ MODEL_FILE_PATTERNS = [
 ]
 
 
-def _hub_error(repo_id: str, err: Exception) -> HubError:
+def hub_error(repo_id: str, err: Exception) -> HubError:
     if isinstance(err, GatedRepoError):
         return HubError(f"{repo_id} is gated and this token has no access",
                         hint="accept the model's terms on its Hub page, then set HF_TOKEN")
@@ -38,7 +38,7 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
     except HfHubHTTPError as err:
-        raise _hub_error(repo_id, err) from None
+        raise hub_error(repo_id, err) from None
     config = json.loads(Path(config_path).read_text())
     hf_arch, llama_arch, declared_mtp = describe_config(config, repo_id)
     weights = [s for s in info.siblings or [] if s.rfilename.endswith(".safetensors")]
@@ -48,7 +48,7 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=info.sha)
     except HfHubHTTPError as err:
-        raise _hub_error(repo_id, err) from None
+        raise hub_error(repo_id, err) from None
     return ModelInfo(
         source=repo_id, name=repo_id.split("/")[1], repo_id=repo_id, revision=info.sha,
         local_dir=None, hf_architecture=hf_arch, llama_arch=llama_arch,
@@ -64,5 +64,5 @@ def download_model(model: ModelInfo, dest: Path, *, token: str | None) -> Path:
         path = snapshot_download(model.repo_id, revision=model.revision, local_dir=dest,
                                  allow_patterns=MODEL_FILE_PATTERNS, token=token)
     except HfHubHTTPError as err:
-        raise _hub_error(model.repo_id, err) from None
+        raise hub_error(model.repo_id, err) from None
     return Path(path)

@@ -64,6 +64,7 @@ class Recipe:
     rules: tuple[Rule, ...]
     provenance: dict[str, Any]
     fallbacks: dict[str, str] = field(default_factory=dict)
+    made_for: dict[str, Any] = field(default_factory=dict)  # layers, nextn_layers, widths
     source_path: Path | None = None
 
     @property
@@ -134,10 +135,16 @@ def parse_recipe(data: Any, where: str, source_path: Path | None = None) -> Reci
         raise RecipeError(f"{where}: fallbacks must map a type to the type accepted instead")
     fallbacks = {_check_type(k, f"{where}: fallbacks"): _check_type(v, f"{where}: fallbacks")
                  for k, v in fallbacks_raw.items()}
-    return Recipe(id=str(data["id"]), level=str(data.get("level", data["id"])),
+    level = str(data.get("level") or str(data["id"]).rsplit("/", 1)[-1])
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", level):
+        raise RecipeError(f"{where}: level {level!r} must be letters, digits, '_', '.' or '-' (it names files)")
+    made_for = data.get("made_for") or {}
+    if not isinstance(made_for, dict) or not isinstance(made_for.get("layers", 0), int):
+        raise RecipeError(f"{where}: made_for must give the template's layer count as 'layers'")
+    return Recipe(id=str(data["id"]), level=level,
                   arch=str(data["arch"]), base=base, rules=tuple(rules),
                   provenance=dict(data.get("provenance") or {}), fallbacks=fallbacks,
-                  source_path=source_path)
+                  made_for=made_for, source_path=source_path)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -204,15 +211,40 @@ def _fallback_of(type_name: str, row_length: int) -> str:
     return current
 
 
+def main_layer_count(metadata: dict[str, Any]) -> tuple[int, int]:
+    """(layers without MTP/NextN layers, MTP/NextN layers) from GGUF metadata."""
+    arch = metadata.get("general.architecture", "")
+    blocks = int(metadata.get(f"{arch}.block_count", 0))
+    nextn = int(metadata.get(f"{arch}.nextn_predict_layers", 0))
+    return blocks - nextn, nextn
+
+
+def map_layers(layers: tuple[int, ...], template_main: int, target_main: int) -> frozenset[int]:
+    """Carry a template's layer list to a model with another depth, by relative depth.
+
+    MTP/NextN layers (numbered after the main layers) keep their offset from the end of
+    the main stack.
+    """
+    if template_main == target_main or template_main <= 0:
+        return frozenset(layers)
+    wanted = set(layers)
+    mapped = {t for t in range(target_main) if t * template_main // target_main in wanted}
+    mapped |= {target_main + (n - template_main) for n in wanted if n >= template_main}
+    return frozenset(mapped)
+
+
 def plan_quantization(recipe: Recipe, header: GGUFHeader) -> QuantPlan:
     """An explicit type for every tensor of the model whose header is given."""
     candidates = [t for t in header.tensors if is_quantizable(t)]
+    target_main, _ = main_layer_count(header.metadata)
+    template_main = int(recipe.made_for.get("layers", 0)) - int(recipe.made_for.get("nextn_layers", 0))
     chosen: dict[str, int] = {}
     for index, rule in enumerate(recipe.rules):
         pending = sorted((t for t in candidates if t.name not in chosen and rule.matches(t.name)),
                          key=lambda t: (layer_of(t.name), t.name))
+        layers = map_layers(rule.layers, template_main, target_main) if rule.layers is not None else None
         for ordinal, tensor in enumerate(pending):
-            if rule.layers is not None and layer_of(tensor.name) not in rule.layers:
+            if layers is not None and layer_of(tensor.name) not in layers:
                 continue
             if rule.select == "more_bits" and not use_more_bits(ordinal, len(pending)):
                 continue

@@ -1,0 +1,47 @@
+"""The target architecture for real: a tiny qwen35 (Gated DeltaNet + attention) with the real
+Qwen3.5 tokenizer, tied embeddings, and a config that declares an MTP layer the weights lack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import FAST_IMATRIX, run_cli
+from udquant.gguf_header import read_gguf_header
+from udquant.library import data_file
+from udquant.tiny_qwen35 import make_tiny_qwen35
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def qwen35(tmp_path_factory) -> Path:
+    return make_tiny_qwen35(tmp_path_factory.mktemp("q35") / "tiny-qwen35-distill", num_layers=4)
+
+
+def test_qwen35_distill_end_to_end(qwen35, toolchain, tmp_path):
+    proc = run_cli(qwen35, "--work-dir", tmp_path / "work", "--out-dir", tmp_path / "out", *FAST_IMATRIX,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "MTP layer(s) the weights lack: converting with --no-mtp" in proc.stderr
+    out = tmp_path / "out"
+    result = json.loads((out / "udquant-result.json").read_text())
+    assert result["inputs"]["llama_arch"] == "qwen35" and result["inputs"]["no_mtp"] is True
+    gguf = out / result["levels"][0]["file"]
+    header = read_gguf_header(gguf)
+    assert header.metadata["tokenizer.ggml.pre"] == "qwen35"
+    assert header.metadata["qwen35.block_count"] == 4
+    types = {t.name: t.type_name for t in header.tensors}
+    assert "output.weight" not in types  # tied: token_embd carries the output rule
+    assert types["token_embd.weight"] == "q8_0"
+    # attn_qkv (DeltaNet layers) and attn_v (layer 3) share llama.cpp's attention counter.
+    assert [types.get(f"blk.{i}.attn_qkv.weight") or types[f"blk.{i}.attn_v.weight"] for i in range(4)] == [
+        "q5_K", "q5_K", "q6_K", "q6_K"]
+    assert types["blk.0.ssm_conv1d.weight"] == "f32"
+    # It loads and runs in llama.cpp.
+    run = subprocess.run([toolchain.tool("llama-perplexity"), "-m", gguf, "-f", data_file("eval.txt"), "-c", "128",
+                          "--chunks", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

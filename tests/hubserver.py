@@ -1,0 +1,236 @@
+"""A small Hugging Face Hub-compatible server for tests, driven by the real huggingface_hub client.
+
+It serves repos held in memory or on disk: model info, tree listing, paths-info, file
+HEAD/GET with true Content-Length, ETag, X-Repo-Commit and range reads, and counts the
+bytes it serves per file. Start it with `HubServer().start()`, point HF_ENDPOINT at
+`server.url` before huggingface_hub is imported (tests/e2e/conftest.py does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+@dataclass
+class RepoFile:
+    path: Path | None = None  # content on disk (large, possibly sparse) ...
+    data: bytes = b""  # ... or in memory
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path else len(self.data)
+
+    def read(self, start: int, end: int) -> bytes:
+        if self.path is None:
+            return self.data[start:end]
+        with self.path.open("rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    @property
+    def oid(self) -> str:
+        if self.path is None:
+            return hashlib.sha1(self.data).hexdigest()
+        stat = self.path.stat()
+        return hashlib.sha1(f"{self.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    files: dict[str, RepoFile] = field(default_factory=dict)
+    sha: str = ""
+    gated: bool = False
+    card_data: dict[str, Any] = field(default_factory=dict)
+
+    def commit(self) -> None:
+        digest = hashlib.sha1(self.repo_id.encode())
+        for name in sorted(self.files):
+            digest.update(name.encode() + self.files[name].oid.encode())
+        self.sha = digest.hexdigest()
+
+
+class HubState:
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.served: dict[str, int] = defaultdict(int)  # "repo/path" -> bytes sent
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
+        self.lock = threading.Lock()
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes | Path], **kwargs: Any) -> Repo:
+        repo = Repo(repo_id, {name: RepoFile(path=v) if isinstance(v, Path) else RepoFile(data=v)
+                              for name, v in files.items()}, **kwargs)
+        repo.commit()
+        self.repos[repo_id] = repo
+        return repo
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: HubState
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _send_json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, message: str, code: str | None = None) -> None:
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        self._send_json({"error": message}, status, headers)
+
+    def _repo(self, repo_id: str) -> Repo | None:
+        repo = self.state.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "Repository not found", "RepoNotFound")
+            return None
+        if repo.gated and "authorization" not in {k.lower() for k in self.headers}:
+            self._error(401, "Access to this model is restricted", "GatedRepo")
+            return None
+        return repo
+
+    def _check_revision(self, repo: Repo, revision: str) -> bool:
+        if unquote(revision) not in ("main", repo.sha):
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return False
+        return True
+
+    # -- routes ------------------------------------------------------------------------------
+    def do_HEAD(self) -> None:
+        self._route()
+
+    def do_GET(self) -> None:
+        self._route()
+
+    def do_POST(self) -> None:
+        self._route()
+
+    def _route(self) -> None:
+        url = urlparse(self.path)
+        path = url.path
+        with self.state.lock:
+            self.state.requests.append((self.command, path, dict(self.headers)))
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
+            return self._model_info(match.group(1), match.group(2) or "main")
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
+            return self._tree(match.group(1), match.group(2), (match.group(3) or "").strip("/"))
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/paths-info/([^/]+)", path):
+            return self._paths_info(match.group(1), match.group(2))
+        if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+            return self._file(match.group(1), match.group(2), unquote(match.group(3)))
+        self._error(404, f"no route for {self.command} {path}")
+
+    def _entry(self, name: str, file: RepoFile) -> dict[str, Any]:
+        return {"type": "file", "path": name, "size": file.size, "oid": file.oid}
+
+    def _model_info(self, repo_id: str, revision: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or not self._check_revision(repo, revision):
+            return
+        self._send_json({
+            "_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha,
+            "private": False, "gated": "auto" if repo.gated else False, "disabled": False,
+            "downloads": 0, "likes": 0, "tags": [], "cardData": repo.card_data,
+            "lastModified": "2026-11-27T00:00:00.000Z", "createdAt": "2026-11-01T00:00:00.000Z",
+            "siblings": [{"rfilename": name, "size": f.size, "blobId": f.oid}
+                         for name, f in sorted(repo.files.items())],
+        })
+
+    def _tree(self, repo_id: str, revision: str, prefix: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or not self._check_revision(repo, revision):
+            return
+        entries = [self._entry(n, f) for n, f in sorted(repo.files.items()) if not prefix or n.startswith(prefix + "/")]
+        self._send_json(entries)
+
+    def _paths_info(self, repo_id: str, revision: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or not self._check_revision(repo, revision):
+            return
+        length = int(self.headers.get("Content-Length", 0))
+        raw = self.rfile.read(length).decode()
+        try:
+            wanted = json.loads(raw).get("paths", [])
+        except ValueError:
+            from urllib.parse import parse_qs
+
+            wanted = parse_qs(raw).get("paths", [])
+        self._send_json([self._entry(n, repo.files[n]) for n in wanted if n in repo.files])
+
+    def _file(self, repo_id: str, revision: str, name: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or not self._check_revision(repo, revision):
+            return
+        file = repo.files.get(name)
+        if file is None:
+            self._error(404, "Entry not found", "EntryNotFound")
+            return
+        size = file.size
+        start, end, status = 0, size, 200
+        if self.command == "GET" and (match := _RANGE.fullmatch(self.headers.get("Range", "").strip())):
+            start = int(match.group(1))
+            end = min(size, int(match.group(2)) + 1) if match.group(2) else size
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{file.oid}"')
+        self.send_header("X-Repo-Commit", repo.sha)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        sent = 0
+        while start + sent < end:
+            chunk = file.read(start + sent, min(end, start + sent + (1 << 20)))
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        with self.state.lock:
+            self.state.served[f"{repo_id}/{name}"] += sent
+
+
+class HubServer:
+    def __init__(self) -> None:
+        self.state = HubState()
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
