@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -66,6 +67,8 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.served: dict[str, int] = defaultdict(int)  # "repo/path" -> bytes sent
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
+        # More endpoints (jobs, uploads) plug in here: each returns True when it answered.
+        self.extra_routes: list[Callable[[Any], bool]] = []
         self.lock = threading.Lock()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes | Path], **kwargs: Any) -> Repo:
@@ -127,6 +130,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._route()
 
+    def do_PUT(self) -> None:
+        self._route()
+
+    def do_DELETE(self) -> None:
+        self._route()
+
     def _route(self) -> None:
         url = urlparse(self.path)
         path = url.path
@@ -140,6 +149,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._paths_info(match.group(1), match.group(2))
         if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             return self._file(match.group(1), match.group(2), unquote(match.group(3)))
+        for route in self.state.extra_routes:
+            if route(self):
+                return
         self._error(404, f"no route for {self.command} {path}")
 
     def _entry(self, name: str, file: RepoFile) -> dict[str, Any]:
