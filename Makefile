@@ -36,7 +36,8 @@ test: venv toolchain lint
 	$(PY) -m pytest -q -ra
 
 bench: venv toolchain
-	$(PY) bench/spine.py
+	$(PY) -m bench.spine
+	$(PY) -m bench.extract
 
 clean:
 	rm -rf udquant-out .pytest_cache .mypy_cache .ruff_cache

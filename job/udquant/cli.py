@@ -46,7 +46,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Hub repo id (owner/name) or local model directory")
     parser.add_argument("--quant", dest="levels", action="append", metavar="LEVEL",
                         help=f"level to make, repeatable (default: {DEFAULT_LEVEL})")
-    parser.add_argument("--recipe", type=Path, help="recipe file to use instead of the library's")
+    parser.add_argument("--recipe", default="auto", metavar="auto|ID|PATH",
+                        help="auto: the library's recipe for the architecture and each --quant level (default); "
+                             "or a library id (qwen35/UD-Q5_K_XL) or a recipe file")
     parser.add_argument("--imatrix", default="compute", metavar="none|compute|PATH",
                         help="importance matrix: none, compute it here, or a .gguf/.dat file (default: compute)")
     parser.add_argument("--out-dir", type=Path, help="where results go (default: ./udquant-out/<name>)")
@@ -128,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
     work = args.work_dir
     model_dir = make_tiny_model(work / "demo-model" / "udquant-tiny-llama")
     args.source = str(model_dir)
-    args.levels, args.recipe, args.revision, args.no_mtp, args.calibration = None, None, None, None, None
+    args.levels, args.recipe, args.revision, args.no_mtp, args.calibration = None, "auto", None, None, None
     args.imatrix, args.imatrix_chunks, args.imatrix_context = "compute", 16, 128
     args.threads, args.disk_reserve_gb = None, 0.1
     return _job(args)
@@ -168,7 +170,8 @@ def _recipe_extract(args: argparse.Namespace) -> int:
 
 
 def _recipe_show(args: argparse.Namespace) -> int:
-    from udquant.recipe_commands import layer_ranges, load_recipe_ref, report_for_model
+    from udquant.recipe import load_recipe_ref
+    from udquant.recipe_commands import layer_ranges, report_for_model
 
     recipe = load_recipe_ref(args.recipe)
     print(f"id: {recipe.id}\narch: {recipe.arch}\nbase: {recipe.base}")
@@ -193,7 +196,8 @@ def _recipe_show(args: argparse.Namespace) -> int:
 
 def _recipe_check(args: argparse.Namespace) -> int:
     from udquant.errors import VerificationError
-    from udquant.recipe_commands import check, load_recipe_ref
+    from udquant.recipe import load_recipe_ref
+    from udquant.recipe_commands import check
 
     fidelity = check(args.model, load_recipe_ref(args.recipe))
     print(f"fidelity: {fidelity.matched}/{fidelity.total} tensors ({fidelity.percent:.1f} %)")
@@ -203,6 +207,17 @@ def _recipe_check(args: argparse.Namespace) -> int:
         raise VerificationError(f"{args.model.name} differs from the recipe in "
                                 f"{fidelity.total - fidelity.matched} tensors")
     return 0
+
+
+def _recipe_refresh(args: argparse.Namespace) -> int:
+    from udquant.library import recipes_dir
+    from udquant.recipe_commands import refresh_recipes
+
+    outcomes = refresh_recipes(args.tracked or recipes_dir() / "tracked.yaml", token=os.environ.get("HF_TOKEN"))
+    for outcome in outcomes:
+        print(f"{outcome.status:9} {outcome.recipe_id}  {outcome.detail}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    return 1 if failed and len(failed) == len(outcomes) else 0
 
 
 def _add_recipe_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -224,7 +239,10 @@ def _add_recipe_commands(commands: argparse._SubParsersAction) -> None:  # type:
     check.add_argument("model", type=Path)
     check.add_argument("recipe")
     check.set_defaults(func=_recipe_check)
-    for parser in (extract, show, check):
+    refresh = verbs.add_parser("refresh", help="re-extract the tracked templates, rewrite changed recipes")
+    refresh.add_argument("--tracked", type=Path, help="list of tracked templates (default: recipes/tracked.yaml)")
+    refresh.set_defaults(func=_recipe_refresh)
+    for parser in (extract, show, check, refresh):
         parser.add_argument("-v", "--verbose", action="store_true")
 
 

@@ -23,7 +23,7 @@ from udquant.library import data_file
 from udquant.output import ImatrixUse, LevelOutput, sha256_file, write_outputs
 from udquant.progress import stage_progress
 from udquant.quantize import quantize_model
-from udquant.recipe import QuantPlan, Recipe, find_recipe, load_recipe, plan_quantization
+from udquant.recipe import QuantPlan, Recipe, find_recipe, load_recipe_ref, plan_quantization
 from udquant.resolve import ModelInfo, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
@@ -39,7 +39,7 @@ IMATRIX_MODES = ("none", "compute")
 class JobOptions:
     source: str
     levels: tuple[str, ...] = (DEFAULT_LEVEL,)
-    recipe: Path | None = None  # a recipe file instead of the library's recipe for the level
+    recipe: str = "auto"  # auto: the library's recipe per level; else a library id or a recipe file
     imatrix: str = "compute"  # none | compute | path to an imatrix file
     out_dir: Path | None = None
     work_dir: Path = Path("udquant-out/.work")
@@ -85,8 +85,10 @@ def _model_fingerprint(model: ModelInfo, model_dir: Path) -> dict[str, Any]:
 
 
 def _recipes_for(options: JobOptions, model: ModelInfo) -> list[Recipe]:
-    if options.recipe is not None:
-        recipes = [load_recipe(options.recipe)]
+    if options.recipe != "auto":
+        if options.levels != (DEFAULT_LEVEL,) and len(options.levels) > 1:
+            raise InputError("--recipe names one recipe; give either --recipe or several --quant levels")
+        recipes = [load_recipe_ref(options.recipe)]
     else:
         recipes = [find_recipe(level, model.llama_arch) for level in options.levels]
     for recipe in recipes:

@@ -21,6 +21,7 @@ from udquant.recipe import Recipe
 from udquant.resolve import ModelInfo
 from udquant.toolchain import Toolchain
 from udquant.verify import Verification
+from udquant.workdir import remove_stale_partials
 
 RESULT_NAME = "udquant-result.json"
 CARD_NAME = "README.md"
@@ -57,13 +58,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _place(source: Path, dest: Path) -> None:
-    """Hard-link when possible (no second copy of a large file), else copy; atomically."""
+def _place(source: Path, dest: Path, *, link: bool) -> None:
+    """Put source at dest atomically; hard-link large files of our own work dir (no second copy)."""
+    if dest.exists() and dest.samefile(source):
+        return  # rename() of two links to one file is a no-op that would leave the partial behind
     partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
     partial.unlink(missing_ok=True)
-    try:
-        os.link(source, partial)
-    except OSError:
+    if link:
+        try:
+            os.link(source, partial)
+        except OSError:  # another file system
+            shutil.copyfile(source, partial)
+    else:
         shutil.copyfile(source, partial)
     partial.replace(dest)
 
@@ -122,13 +128,15 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]]) -> Path:
     """Place verified files and write card and result JSON into out_dir; return the result path."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir)
     level_records = []
     for level in levels:
         name = gguf_file_name(model, level.level)
-        _place(level.source, out_dir / name)
+        _place(level.source, out_dir / name, link=True)
         recipe_name = f"{model.name}-{level.level}.recipe.yaml"
         if level.recipe.source_path is not None:
-            _place(level.recipe.source_path, out_dir / recipe_name)
+            # A copy: a link would let an edit of the output change the library's recipe.
+            _place(level.recipe.source_path, out_dir / recipe_name, link=False)
         check = level.verification
         level_records.append({
             "level": level.level, "file": name, "size": (out_dir / name).stat().st_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import re._parser as _sre_parser  # the stdlib's own parser: lets us inspect a pattern's structure
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,31 @@ def is_quantizable(tensor: TensorInfo) -> bool:
             and not any(part in tensor.name for part in NEVER_QUANTIZED))
 
 
+def _has_nested_repeat(items: Any, inside_repeat: bool = False) -> bool:
+    """Whether a parsed pattern repeats something that itself repeats: (a+)+, (.*)*, (x|x?)+ ...
+
+    Such patterns backtrack catastrophically on names that almost match.
+    """
+    for op, arg in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            _low, high, sub = arg
+            unbounded = high == _sre_parser.MAXREPEAT or high > 1
+            if inside_repeat and unbounded:
+                return True
+            if _has_nested_repeat(sub, inside_repeat or unbounded):
+                return True
+        elif name == "SUBPATTERN":
+            if _has_nested_repeat(arg[-1], inside_repeat):
+                return True
+        elif name == "BRANCH":
+            if any(_has_nested_repeat(branch, inside_repeat) for branch in arg[1]):
+                return True
+        elif name in ("ASSERT", "ASSERT_NOT") and _has_nested_repeat(arg[1], inside_repeat):
+            return True
+    return False
+
+
 def _check_type(name: Any, where: str) -> str:
     try:
         return ggml_type_name(parse_ggml_type(str(name)))
@@ -119,8 +145,12 @@ def parse_recipe(data: Any, where: str, source_path: Path | None = None) -> Reci
             raise RecipeError(f"{at}: pattern longer than {MAX_PATTERN_LENGTH} characters")
         try:
             re.compile(pattern)
+            parsed = _sre_parser.parse(pattern)
         except re.error as err:
             raise RecipeError(f"{at}: invalid regular expression {pattern!r}: {err}") from None
+        if _has_nested_repeat(parsed):
+            raise RecipeError(f"{at}: pattern {pattern!r} repeats a repetition, which can backtrack "
+                              "catastrophically", hint="write it without nested quantifiers, e.g. blk\\.\\d+\\.")
         select = str(raw.get("select", "all"))
         if select not in SELECTORS:
             raise RecipeError(f"{at}: select must be one of {', '.join(SELECTORS)}, not {select!r}")
@@ -166,6 +196,18 @@ def find_recipe(level: str, arch: str) -> Recipe:
     levels = sorted({p.stem for p in root.glob("*/*.yaml")})
     raise RecipeError(f"no recipe for level {level!r} (architecture {arch}); "
                       f"levels in the library: {', '.join(levels)}")
+
+
+def load_recipe_ref(ref: str) -> Recipe:
+    """A recipe by path, or by library id such as generic/UD-Q5_K_XL."""
+    path = Path(ref)
+    if path.is_file():
+        return load_recipe(path)
+    library = recipes_dir() / f"{ref}.yaml"
+    if library.is_file():
+        return load_recipe(library)
+    known = sorted(str(p.relative_to(recipes_dir()).with_suffix("")) for p in recipes_dir().glob("*/*.yaml"))
+    raise RecipeError(f"no recipe file or library id {ref!r}; library: {', '.join(known)}")
 
 
 @dataclass(frozen=True)

@@ -5,28 +5,18 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from gguf import GGML_QUANT_SIZES
 
-from udquant.errors import InputError, RecipeError
+from udquant.errors import InputError
 from udquant.extract import Fidelity, extract_recipe, measure_fidelity, role_of
 from udquant.gguf_header import parse_ggml_type, read_gguf_header
 from udquant.library import recipes_dir
-from udquant.recipe import Recipe, layer_of, load_recipe, plan_quantization
+from udquant.recipe import Recipe, layer_of, plan_quantization
 from udquant.resolve import REPO_ID
 from udquant.template import TemplateLayout, read_template_file, read_template_remote
-
-
-def load_recipe_ref(ref: str) -> Recipe:
-    """A recipe by path, or by library id such as generic/UD-Q5_K_XL."""
-    path = Path(ref)
-    if path.is_file():
-        return load_recipe(path)
-    library = recipes_dir() / f"{ref}.yaml"
-    if library.is_file():
-        return load_recipe(library)
-    known = sorted(str(p.relative_to(recipes_dir()).with_suffix("")) for p in recipes_dir().glob("*/*.yaml"))
-    raise RecipeError(f"no recipe file or library id {ref!r}; library: {', '.join(known)}")
 
 
 def read_template(source: str, *, file_glob: str | None, revision: str | None, token: str | None) -> TemplateLayout:
@@ -102,3 +92,44 @@ def layer_ranges(layers: list[int]) -> str:
     if run:
         parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class RefreshOutcome:
+    recipe_id: str
+    status: str  # "updated", "unchanged" or "failed"
+    detail: str = ""
+
+
+def _comparable(document: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two recipes different: types and rules, not where or when they were read."""
+    return (document.get("arch"), document.get("base"), document.get("rules"), document.get("made_for"),
+            document.get("fallbacks") or {})
+
+
+def refresh_recipes(tracked: Path, *, token: str | None = None) -> list[RefreshOutcome]:
+    """Re-extract every tracked template and rewrite recipes whose rules changed."""
+    from udquant.errors import UdquantError
+    from udquant.extract import dump_recipe
+    from udquant.template import read_template_remote
+
+    entries = yaml.safe_load(tracked.read_text()) or []
+    outcomes = []
+    for entry in entries:
+        recipe_id = str(entry["recipe"])
+        target = recipes_dir() / f"{recipe_id}.yaml"
+        try:
+            layout = read_template_remote(str(entry["repo"]), str(entry["file"]), revision=entry.get("revision"),
+                                          token=token)
+            document = extract_recipe(layout, recipe_id=recipe_id, level=recipe_id.rsplit("/", 1)[-1])
+        except UdquantError as err:
+            outcomes.append(RefreshOutcome(recipe_id, "failed", err.message.splitlines()[0]))
+            continue
+        current = yaml.safe_load(target.read_text()) if target.is_file() else {}
+        if current.get("provenance", {}).get("kind") == "template" and _comparable(current) == _comparable(document):
+            outcomes.append(RefreshOutcome(recipe_id, "unchanged", f"{entry['repo']}@{layout.revision}"))
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(dump_recipe(document))
+        outcomes.append(RefreshOutcome(recipe_id, "updated", f"{entry['repo']}@{layout.revision}"))
+    return outcomes

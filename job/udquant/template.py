@@ -27,7 +27,8 @@ from udquant.gguf_header import (
 logger = logging.getLogger(__name__)
 
 SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-FIRST_READ = 2 << 20
+FIRST_READ = 1 << 20
+GROW_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def _read_remote_header(fs: Any, path: str, size: int) -> tuple[GGUFHeader, int]
             except NeedMoreBytes as need:
                 if len(buf) >= size:
                     raise InputError(f"{path}: header is cut short") from None
-                # Grow by at least half again, so a long header costs few requests.
-                want = min(size, max(need.needed, len(buf) * 3 // 2))
+                # Grow by half again (few requests for a long header), but by at most GROW_LIMIT
+                # past what is needed, so the overshoot stays small.
+                want = min(size, max(need.needed, len(buf) + min(len(buf) // 2, GROW_LIMIT)))
                 buf += f.read(want - len(buf))
             except GGUFFormatError as err:
                 raise InputError(f"{path}: not a GGUF file ({err})") from None

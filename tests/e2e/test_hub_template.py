@@ -70,3 +70,30 @@ def test_split_template_on_the_hub(hub, toolchain, tmp_path):
 def test_missing_template_repo(hub, tmp_path):
     proc = run_cli("recipe", "extract", "nobody/Nothing-GGUF", "--file", "*Q5*", cwd=tmp_path, program="udquant")
     assert proc.returncode == 9 and "does not exist on the Hub" in proc.stderr
+
+
+def test_refresh_rewrites_changed_recipes_only(hub, tmp_path):
+    import shutil
+
+    from udquant.library import recipes_dir
+
+    library = tmp_path / "recipes"
+    shutil.copytree(recipes_dir(), library)
+    layout = [(n, s, ud_like(n, s, d)) for n, s, d in qwen35_layout(n_layers=8, hidden=256, ffn=512, vocab=1024)]
+    template = tmp_path / "Tiny-UD-Q5_K_XL.gguf"
+    write_sparse_gguf(template, layout, arch="qwen35", block_count=8, vocab=1024)
+    hub.state.add_repo("unsloth/Tiny-GGUF", {template.name: template})
+    tracked = tmp_path / "tracked.yaml"
+    tracked.write_text("- {recipe: qwen35/UD-Q5_K_XL, repo: unsloth/Tiny-GGUF, file: '*UD-Q5_K_XL*'}\n"
+                       "- {recipe: qwen35/UD-Q4_K_XL, repo: unsloth/Gone-GGUF, file: '*UD-Q4_K_XL*'}\n")
+    env = {"UDQUANT_RECIPES_DIR": str(library)}
+    first = run_cli("recipe", "refresh", "--tracked", tracked, cwd=tmp_path, env=env, program="udquant")
+    assert first.returncode == 0, first.stderr
+    assert "updated   qwen35/UD-Q5_K_XL" in first.stdout and "failed    qwen35/UD-Q4_K_XL" in first.stdout
+    document = yaml.safe_load((library / "qwen35" / "UD-Q5_K_XL.yaml").read_text())
+    assert document["provenance"]["kind"] == "template"
+    assert document["provenance"]["revision"] == hub.state.repos["unsloth/Tiny-GGUF"].sha
+    again = run_cli("recipe", "refresh", "--tracked", tracked, cwd=tmp_path, env=env, program="udquant")
+    assert "unchanged qwen35/UD-Q5_K_XL" in again.stdout
+    untouched = "qwen35/UD-Q4_K_XL.yaml"
+    assert (library / untouched).read_text() == (recipes_dir() / untouched).read_text()

@@ -53,7 +53,7 @@ def test_result_json_and_card(llama_run, toolchain):
     out = root / "out"
     result = json.loads((out / "udquant-result.json").read_text())
     level = result["levels"][0]
-    assert level["level"] == "UD-Q5_K_XL" and level["recipe"]["id"] == "generic/UD-Q5_K_XL"
+    assert level["level"] == "UD-Q5_K_XL" and level["recipe"]["id"] == "llama/UD-Q5_K_XL"
     assert level["type_counts"] == {"q8_0": 2, "q6_K": 4, "q5_K": 24, "f32": 9}
     assert level["sha256"] == sha256_file(out / level["file"])
     assert 5.5 < level["bits_per_weight"] < 8.5
@@ -94,13 +94,14 @@ def test_two_levels_convert_and_compute_the_imatrix_once(qwen3, toolchain, tmp_p
     timings = json.loads((tmp_path / "out" / "udquant-result.json").read_text())["timings"]
     assert all(timings[s]["cached"] for s in ("convert", "imatrix", "quantize UD-Q5_K_XL", "quantize UD-Q4_K_XL"))
     assert digests == {p.name: sha256_file(p) for p in (tmp_path / "out").glob("*.gguf")}
+    assert not list(tmp_path.rglob("*.partial-*"))
 
 
 def test_k_quant_fallback_fails_verification(odd_llama, toolchain, tmp_path):
     proc = run_cli(odd_llama, "--imatrix", "none", "--work-dir", tmp_path / "work", "--out-dir",
                    tmp_path / "out", cwd=tmp_path)
     assert proc.returncode == 5, proc.stderr
-    assert "does not match recipe generic/UD-Q5_K_XL" in proc.stderr
+    assert "does not match recipe llama/UD-Q5_K_XL" in proc.stderr
     assert "expected q5_K, got q5_1 (llama-quantize fell back: row length 320 is not a multiple of 256" in proc.stderr
     assert "will fall back and verification will fail" in proc.stderr  # warned before quantizing
     assert not list((tmp_path / "out").glob("*.gguf")) if (tmp_path / "out").exists() else True
@@ -165,3 +166,10 @@ def test_udquant_job_subcommand_is_the_same(llama_run, llama, tmp_path):
                    cwd=tmp_path, program="udquant")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str((tmp_path / "out").resolve())
+
+
+def test_recipe_of_another_architecture_is_refused(llama, toolchain, tmp_path):
+    proc = run_cli(llama, "--recipe", "qwen3/UD-Q4_K_XL", "--work-dir", tmp_path / "work", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "recipe qwen3/UD-Q4_K_XL is for architecture qwen3, the model is llama" in proc.stderr
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("convert-*"))

@@ -74,6 +74,10 @@ def test_odd_width_predicts_fallback_unless_declared(tmp_path):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"rules": [{"match": "blk\\.(", "type": "q5_K"}]}, "invalid regular expression"),
+    ({"rules": [{"match": "(a+)+b", "type": "q5_K"}]}, "repeats a repetition"),
+    ({"rules": [{"match": "blk\\.(\\d*)*\\.weight", "type": "q5_K"}]}, "repeats a repetition"),
+    ({"rules": [{"match": "(x|.*)+", "type": "q5_K"}]}, "repeats a repetition"),
+    ({"rules": [{"match": "blk\\.1\\.x", "type": "q5_K"}], "level": "a/b"}, "level 'a/b' must be"),
     ({"rules": [{"match": ".*", "type": "q9_K"}]}, "unknown ggml type 'q9_K'"),
     ({"base": "Q7_K_M"}, "base 'Q7_K_M' is not a llama-quantize type"),
     ({"rules": [{"match": ".*", "type": "q5_K", "select": "some"}]}, "select must be one of"),
