@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 export UDQUANT_CACHE_DIR ?= $(CURDIR)/.cache
 export GRADIO_ANALYTICS_ENABLED = False
 
-.PHONY: demo test lint unit e2e toolchain venv bench clean
+.PHONY: demo test lint unit e2e toolchain venv bench space gpu-smoke clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -23,7 +23,7 @@ demo: venv toolchain
 	$(VENV)/bin/udquant demo --out-dir udquant-out/demo
 
 lint: venv
-	$(VENV)/bin/ruff check job tests bench scripts
+	$(VENV)/bin/ruff check job tests bench scripts space
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -38,6 +38,12 @@ test: venv toolchain lint
 bench: venv toolchain
 	$(PY) -m bench.spine
 	$(PY) -m bench.extract
+
+space: venv
+	$(PY) space/app.py
+
+gpu-smoke: venv
+	scripts/gpu-smoke.sh --source-archive $(LLAMA_CPP_ARCHIVE)
 
 clean:
 	rm -rf udquant-out .pytest_cache .mypy_cache .ruff_cache

@@ -41,8 +41,8 @@ class RepoFile:
 
     @property
     def oid(self) -> str:
-        if self.path is None:
-            return hashlib.sha1(self.data).hexdigest()
+        if self.path is None:  # what git (and the Hub) calls the blob id
+            return hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
         stat = self.path.stat()
         return hashlib.sha1(f"{self.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
 
@@ -53,7 +53,9 @@ class Repo:
     files: dict[str, RepoFile] = field(default_factory=dict)
     sha: str = ""
     gated: bool = False
+    private: bool = False
     card_data: dict[str, Any] = field(default_factory=dict)
+    commits: list[dict[str, Any]] = field(default_factory=list)  # uploads received: header + paths
 
     def commit(self) -> None:
         digest = hashlib.sha1(self.repo_id.encode())
@@ -67,6 +69,9 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.served: dict[str, int] = defaultdict(int)  # "repo/path" -> bytes sent
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
+        self.tokens = {"hf_test_token_owner": "tester"}  # accepted tokens -> user name
+        # Cut the connection after N bytes, once, for these "repo/path" downloads.
+        self.interrupt_once: dict[str, int] = {}
         # More endpoints (jobs, uploads) plug in here: each returns True when it answered.
         self.extra_routes: list[Callable[[Any], bool]] = []
         self.lock = threading.Lock()
@@ -104,15 +109,24 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = code
         self._send_json({"error": message}, status, headers)
 
+    def _user(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        return self.state.tokens.get(auth.removeprefix("Bearer ").strip()) if auth else None
+
     def _repo(self, repo_id: str) -> Repo | None:
         repo = self.state.repos.get(repo_id)
-        if repo is None:
+        user = self._user()
+        if repo is None or (repo.private and user is None):
             self._error(404, "Repository not found", "RepoNotFound")
             return None
-        if repo.gated and "authorization" not in {k.lower() for k in self.headers}:
+        if repo.gated and user is None:
             self._error(401, "Access to this model is restricted", "GatedRepo")
             return None
         return repo
+
+    def _json_body(self) -> Any:
+        length = int(self.headers.get("Content-Length", 0))
+        return json.loads(self.rfile.read(length) or b"{}")
 
     def _check_revision(self, repo: Repo, revision: str) -> bool:
         if unquote(revision) not in ("main", repo.sha):
@@ -141,6 +155,25 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path
         with self.state.lock:
             self.state.requests.append((self.command, path, dict(self.headers)))
+        if path == "/api/validate-yaml" and self.command == "POST":
+            import yaml
+
+            content = self._json_body().get("content", "")
+            try:
+                yaml.safe_load(content.split("---")[1] if content.startswith("---") else "{}")
+            except yaml.YAMLError as err:
+                return self._error(400, f"invalid YAML in the card: {err}")
+            return self._send_json({"errors": [], "warnings": []})
+        if path == "/api/whoami-v2":
+            return self._whoami()
+        if path == "/api/repos/create" and self.command == "POST":
+            return self._create_repo()
+        if path == "/api/models" and self.command == "GET":
+            return self._list_models(url.query)
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path):
+            return self._preupload(match.group(1))
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", path):
+            return self._commit(match.group(1))
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
             return self._model_info(match.group(1), match.group(2) or "main")
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
@@ -154,6 +187,82 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._error(404, f"no route for {self.command} {path}")
 
+    def _whoami(self) -> None:
+        user = self._user()
+        if user is None:
+            self._error(401, "Invalid credentials in Authorization header")
+            return
+        self._send_json({"type": "user", "name": user, "fullname": user, "orgs": [],
+                         "auth": {"type": "access_token", "accessToken": {"role": "write", "displayName": "t"}}})
+
+    def _create_repo(self) -> None:
+        user = self._user()
+        body = self._json_body()
+        repo_id = f"{body.get('organization') or user}/{body['name']}"
+        if user is None:
+            self._error(401, "Invalid credentials")
+            return
+        host, port = self.server.server_address[:2]
+        if repo_id in self.state.repos:  # the Hub's 409 carries the url too
+            self._send_json({"error": "You already created this model repo", "url": f"http://{host}:{port}/{repo_id}"},
+                            409, {"X-Error-Message": "You already created this model repo"})
+            return
+        repo = Repo(repo_id, private=bool(body.get("private")))
+        repo.commit()
+        self.state.repos[repo_id] = repo
+        self._send_json({"url": f"http://{host}:{port}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _list_models(self, query: str) -> None:
+        from urllib.parse import parse_qs
+
+        wanted = parse_qs(query).get("filter", [])
+        found = []
+        for repo in self.state.repos.values():
+            base = repo.card_data.get("base_model")
+            bases = base if isinstance(base, list) else [base]
+            tags = {f"base_model:{b}" for b in bases if b}
+            tags |= {f"base_model:{repo.card_data.get('base_model_relation')}:{b}" for b in bases if b}
+            if all(w in tags for w in wanted) and not repo.private:
+                found.append({"_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id,
+                              "tags": sorted(tags), "private": False})
+        self._send_json(found)
+
+    def _preupload(self, repo_id: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if self._user() is None:
+            self._error(401, "Invalid credentials")
+            return
+        files = self._json_body().get("files", [])
+        self._send_json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                   for f in files]})
+
+    def _commit(self, repo_id: str) -> None:
+        import base64
+
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if self._user() is None:
+            self._error(401, "Invalid credentials")
+            return
+        length = int(self.headers.get("Content-Length", 0))
+        lines = [json.loads(line) for line in self.rfile.read(length).decode().splitlines() if line.strip()]
+        header = next(line["value"] for line in lines if line["key"] == "header")
+        paths = []
+        for line in lines:
+            if line["key"] == "file":
+                repo.files[line["value"]["path"]] = RepoFile(data=base64.b64decode(line["value"]["content"]))
+                paths.append(line["value"]["path"])
+            elif line["key"] == "deletedFile":
+                repo.files.pop(line["value"]["path"], None)
+        repo.commits.append({"summary": header.get("summary"), "paths": paths})
+        repo.commit()
+        host, port = self.server.server_address[:2]
+        self._send_json({"success": True, "commitOid": repo.sha,
+                         "commitUrl": f"http://{host}:{port}/{repo_id}/commit/{repo.sha}"})
+
     def _entry(self, name: str, file: RepoFile) -> dict[str, Any]:
         return {"type": "file", "path": name, "size": file.size, "oid": file.oid}
 
@@ -163,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json({
             "_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha,
-            "private": False, "gated": "auto" if repo.gated else False, "disabled": False,
+            "private": repo.private, "gated": "auto" if repo.gated else False, "disabled": False,
             "downloads": 0, "likes": 0, "tags": [], "cardData": repo.card_data,
             "lastModified": "2026-11-27T00:00:00.000Z", "createdAt": "2026-11-01T00:00:00.000Z",
             "siblings": [{"rfilename": name, "size": f.size, "blobId": f.oid}
@@ -223,6 +332,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         sent = 0
+        key = f"{repo_id}/{name}"
+        cut = self.state.interrupt_once.get(key)
+        if cut is not None and end - start > cut:  # only a download long enough to be cut
+            del self.state.interrupt_once[key]
+            self.wfile.write(file.read(start, min(end, start + cut)))
+            with self.state.lock:
+                self.state.served[key] += min(end - start, cut)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         while start + sent < end:
             chunk = file.read(start + sent, min(end, start + sent + (1 << 20)))
             self.wfile.write(chunk)

@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from udquant import __version__
+from udquant.dispatch.cli import add_dispatch_command
 from udquant.errors import InputError, UdquantError
 from udquant.job import DEFAULT_LEVEL, JobOptions, JobResult, run_job
 
@@ -38,7 +39,7 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     # huggingface_hub and others stay at warnings unless asked.
-    for name in ("huggingface_hub", "httpx", "filelock"):
+    for name in ("huggingface_hub", "httpx", "httpx2", "httpcore", "filelock"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
@@ -49,8 +50,11 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="auto", metavar="auto|ID|PATH",
                         help="auto: the library's recipe for the architecture and each --quant level (default); "
                              "or a library id (qwen35/UD-Q5_K_XL) or a recipe file")
-    parser.add_argument("--imatrix", default="compute", metavar="none|compute|PATH",
-                        help="importance matrix: none, compute it here, or a .gguf/.dat file (default: compute)")
+    parser.add_argument("--imatrix", default="auto", metavar="auto|none|compute|PATH",
+                        help="importance matrix: auto (the distill's own from the Hub; computed for a local "
+                             "folder or on a GPU build), none, compute, or a .gguf/.dat file (default: auto)")
+    parser.add_argument("--allow-base-imatrix", action="store_true",
+                        help="let auto fall back to the base model's imatrix (labelled as such in the card)")
     parser.add_argument("--out-dir", type=Path, help="where results go (default: ./udquant-out/<name>)")
     parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("UDQUANT_WORK_DIR", "udquant-out/.work")),
                         help="intermediate files, reused on rerun (default: ./udquant-out/.work)")
@@ -65,8 +69,15 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--disk-reserve-gb", type=float, default=1.0,
                         help="disk space to leave free after the job (default: 1)")
-    parser.add_argument("--no-upload", action="store_true", default=True,
-                        help="keep results local (the default for now)")
+    upload = parser.add_mutually_exclusive_group()
+    upload.add_argument("--upload", dest="upload", action="store_const", const=True,
+                        help="upload to the Hub (default: when the source is a Hub repo and HF_TOKEN is set)")
+    upload.add_argument("--no-upload", dest="upload", action="store_const", const=False,
+                        help="keep results local")
+    parser.add_argument("--output-repo", help="Hub repo for the results (default: <you>/<Name>-UD-GGUF)")
+    parser.add_argument("--private", action="store_true", help="create the output repo private")
+    parser.add_argument("--split-size-gb", type=float, default=45.0,
+                        help="split GGUF files larger than this before upload (default: 45, under the Hub's 50)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -78,7 +89,9 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
         no_mtp=args.no_mtp, calibration=args.calibration, imatrix_chunks=args.imatrix_chunks,
         imatrix_context=args.imatrix_context, threads=args.threads,
-        disk_reserve=int(args.disk_reserve_gb * 1e9), token=os.environ.get("HF_TOKEN"))
+        disk_reserve=int(args.disk_reserve_gb * 1e9), allow_base_imatrix=args.allow_base_imatrix,
+        upload=args.upload, output_repo=args.output_repo, private=args.private,
+        split_bytes=int(args.split_size_gb * 1e9), token=os.environ.get("HF_TOKEN") or None)
 
 
 def _note(text: str) -> None:
@@ -119,7 +132,12 @@ def _run(action: str, func: object, args: argparse.Namespace) -> int:
 def _job(args: argparse.Namespace) -> int:
     result = run_job(options_from_args(args))
     print_report(result)
-    print(result.out_dir.resolve())
+    if result.publication is not None:
+        state = "uploaded in one commit" if result.publication.commit else "already up to date, nothing uploaded"
+        _note(f"{result.publication.repo_id}: {state}")
+        print(result.publication.url)
+    else:
+        print(result.out_dir.resolve())
     return 0
 
 
@@ -127,13 +145,13 @@ def _demo(args: argparse.Namespace) -> int:
     """Make the bundled tiny model and run the whole job on it, offline."""
     from udquant.tiny_model import make_tiny_model
 
-    work = args.work_dir
-    model_dir = make_tiny_model(work / "demo-model" / "udquant-tiny-llama")
-    args.source = str(model_dir)
-    args.levels, args.recipe, args.revision, args.no_mtp, args.calibration = None, "auto", None, None, None
-    args.imatrix, args.imatrix_chunks, args.imatrix_context = "compute", 16, 128
-    args.threads, args.disk_reserve_gb = None, 0.1
-    return _job(args)
+    model_dir = make_tiny_model(args.work_dir / "demo-model" / "udquant-tiny-llama")
+    options = JobOptions(source=str(model_dir), imatrix="compute", imatrix_chunks=16, imatrix_context=128,
+                         out_dir=args.out_dir, work_dir=args.work_dir, disk_reserve=100_000_000, upload=False)
+    result = run_job(options)
+    print_report(result)
+    print(result.out_dir.resolve())
+    return 0
 
 
 def _toolchain(args: argparse.Namespace) -> int:
@@ -269,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_demo)
     _add_recipe_commands(commands)
+    add_dispatch_command(commands)
     toolchain = commands.add_parser("toolchain", help="show the llama.cpp build the job uses")
     toolchain.add_argument("-v", "--verbose", action="store_true")
     toolchain.set_defaults(func=_toolchain)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+# huggingface_hub re-exports the HTTP client it uses (its name changed across major versions).
+from huggingface_hub.utils import httpx as hf_httpx  # type: ignore[attr-defined]
 
 from udquant.errors import HubError, InputError
 from udquant.resolve import ModelInfo, describe_config
@@ -20,6 +23,10 @@ MODEL_FILE_PATTERNS = [
 ]
 
 
+# What a Hub call can fail with: an HTTP error answer, or no answer at all.
+HUB_ERRORS: tuple[type[Exception], ...] = (HfHubHTTPError, hf_httpx.TransportError)
+
+
 def hub_error(repo_id: str, err: Exception) -> HubError:
     if isinstance(err, GatedRepoError):
         return HubError(f"{repo_id} is gated and this token has no access",
@@ -27,6 +34,9 @@ def hub_error(repo_id: str, err: Exception) -> HubError:
     if isinstance(err, RepositoryNotFoundError):
         return HubError(f"{repo_id} does not exist on the Hub, or it is private",
                         hint="check the spelling; for a private repo set HF_TOKEN")
+    if isinstance(err, hf_httpx.TransportError):
+        return HubError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(err).__name__}: {err})",
+                        hint="check the network, or HF_ENDPOINT")
     if isinstance(err, RevisionNotFoundError):
         return HubError(f"{repo_id}: revision not found")
     return HubError(f"{repo_id}: the Hub request failed: {err}")
@@ -37,7 +47,7 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
-    except HfHubHTTPError as err:
+    except HUB_ERRORS as err:
         raise hub_error(repo_id, err) from None
     config = json.loads(Path(config_path).read_text())
     hf_arch, llama_arch, declared_mtp = describe_config(config, repo_id)
@@ -47,14 +57,43 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
                          hint="udquant converts safetensors checkpoints only")
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=info.sha)
-    except HfHubHTTPError as err:
+    except HUB_ERRORS as err:
         raise hub_error(repo_id, err) from None
     return ModelInfo(
         source=repo_id, name=repo_id.split("/")[1], repo_id=repo_id, revision=info.sha,
         local_dir=None, hf_architecture=hf_arch, llama_arch=llama_arch,
         n_params=sum(meta.parameter_count.values()),
         weights_bytes=sum(s.size or 0 for s in weights),
-        weight_names=tuple(sorted(meta.weight_map)), declared_mtp_layers=declared_mtp)
+        weight_names=tuple(sorted(meta.weight_map)), declared_mtp_layers=declared_mtp,
+        base_models=base_model_chain(api, repo_id, info.card_data))
+
+
+MAX_BASE_CHAIN = 5
+
+
+def _base_models(card_data: object) -> list[str]:
+    value = getattr(card_data, "base_model", None) if card_data is not None else None
+    if isinstance(card_data, dict):
+        value = card_data.get("base_model")
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value or [] if isinstance(v, str)]
+
+
+def base_model_chain(api: HfApi, repo_id: str, card_data: object) -> tuple[str, ...]:
+    """Follow the model cards' base_model up the chain (distill -> its base -> ...)."""
+    chain: list[str] = []
+    current = _base_models(card_data)
+    while current and len(chain) < MAX_BASE_CHAIN:
+        parent = current[0]
+        if parent in chain or parent == repo_id:
+            break
+        chain.append(parent)
+        try:
+            current = _base_models(api.model_info(parent).card_data)
+        except HUB_ERRORS:
+            break  # a private or deleted base ends the chain; what we have is still right
+    return tuple(chain)
 
 
 def download_model(model: ModelInfo, dest: Path, *, token: str | None) -> Path:
@@ -63,6 +102,6 @@ def download_model(model: ModelInfo, dest: Path, *, token: str | None) -> Path:
     try:
         path = snapshot_download(model.repo_id, revision=model.revision, local_dir=dest,
                                  allow_patterns=MODEL_FILE_PATTERNS, token=token)
-    except HfHubHTTPError as err:
+    except HUB_ERRORS as err:
         raise hub_error(model.repo_id, err) from None
     return Path(path)

@@ -19,9 +19,11 @@ from udquant.errors import InputError, RecipeError
 from udquant.fetch import check_disk_space, fetch_model
 from udquant.gguf_header import GGUFHeader, read_gguf_header
 from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, compute_imatrix, read_imatrix
+from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
 from udquant.library import data_file
-from udquant.output import ImatrixUse, LevelOutput, sha256_file, write_outputs
+from udquant.output import ImatrixUse, LevelOutput, OutputFiles, sha256_file, write_outputs
 from udquant.progress import stage_progress
+from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
 from udquant.quantize import quantize_model
 from udquant.recipe import QuantPlan, Recipe, find_recipe, load_recipe_ref, plan_quantization
 from udquant.resolve import ModelInfo, resolve_model
@@ -32,7 +34,7 @@ from udquant.workdir import StageDir, open_stage
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = "UD-Q5_K_XL"
-IMATRIX_MODES = ("none", "compute")
+IMATRIX_MODES = ("none", "compute", "auto")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class JobOptions:
     source: str
     levels: tuple[str, ...] = (DEFAULT_LEVEL,)
     recipe: str = "auto"  # auto: the library's recipe per level; else a library id or a recipe file
-    imatrix: str = "compute"  # none | compute | path to an imatrix file
+    imatrix: str = "auto"  # auto | none | compute | path to an imatrix file
+    allow_base_imatrix: bool = False
     out_dir: Path | None = None
     work_dir: Path = Path("udquant-out/.work")
     revision: str | None = None
@@ -50,6 +53,10 @@ class JobOptions:
     imatrix_context: int = 512
     threads: int | None = None
     disk_reserve: int = 1_000_000_000
+    upload: bool | None = None  # None: upload when the source is a Hub repo and a token is set
+    output_repo: str | None = None
+    private: bool = False
+    split_bytes: int = DEFAULT_SPLIT_BYTES
     token: str | None = field(default=None, repr=False)
 
 
@@ -60,6 +67,7 @@ class JobResult:
     model: ModelInfo
     levels: tuple[LevelOutput, ...]
     timings: dict[str, dict[str, Any]]
+    publication: Publication | None = None
 
 
 class Timings:
@@ -127,14 +135,24 @@ def _run_stage(timings: Timings, stage: StageDir, work: Callable[[Path], Path], 
         return output
 
 
-def _prepare_imatrix(options: JobOptions, toolchain: Toolchain, bf16: Path, bf16_header: GGUFHeader,
-                     convert_key: str, timings: Timings) -> ImatrixUse:
+def _prepare_imatrix(options: JobOptions, model: ModelInfo, toolchain: Toolchain, bf16: Path,
+                     bf16_header: GGUFHeader, convert_key: str, timings: Timings) -> ImatrixUse:
     if options.imatrix == "none":
         return ImatrixUse("none", None)
-    if options.imatrix != "compute":
+    if options.imatrix not in IMATRIX_MODES:
         imatrix = read_imatrix(Path(options.imatrix))
         check_imatrix_fits(imatrix, bf16_header)
         return ImatrixUse("file", imatrix)
+    if options.imatrix == "auto" and model.repo_id is not None:
+        with timings.stage("find imatrix"):
+            search = find_imatrix(model.repo_id, model.base_models, bf16_header, options.work_dir / "imatrix-hub",
+                                  token=options.token, allow_base=options.allow_base_imatrix)
+        if search.imatrix is not None and search.candidate is not None:
+            logger.info("imatrix: using %s", search.candidate.label)
+            return ImatrixUse("hub", search.imatrix, origin=search.candidate)
+        if not toolchain.has_gpu:
+            raise no_imatrix_error(model.repo_id, len(search.skipped))
+        logger.info("imatrix: none found on the Hub; computing one on the GPU")
     calibration = options.calibration or data_file("calibration.txt")
     calibration_sha = sha256_file(calibration)
     settings = ImatrixSettings(calibration, options.imatrix_chunks, options.imatrix_context)
@@ -177,13 +195,16 @@ def _quantize_level(options: JobOptions, toolchain: Toolchain, bf16: Path, conve
 def run_job(options: JobOptions) -> JobResult:
     """Run the whole pipeline for one model and every requested level."""
     if options.imatrix not in IMATRIX_MODES and not Path(options.imatrix).is_file():
-        raise InputError(f"--imatrix must be none, compute or an existing file, not {options.imatrix!r}")
+        raise InputError(f"--imatrix must be auto, none, compute or an existing file, not {options.imatrix!r}")
     timings = Timings()
     with timings.stage("resolve"):
         model = resolve_model(options.source, revision=options.revision, token=options.token)
         recipes = _recipes_for(options, model)
         toolchain = find_toolchain()
         early_imatrix = read_imatrix(Path(options.imatrix)) if options.imatrix not in IMATRIX_MODES else None
+        upload = options.upload if options.upload is not None else bool(model.repo_id and options.token)
+        target = plan_target(model.name, output_repo=options.output_repo, private=options.private,
+                             token=options.token) if upload else None
     no_mtp = model.needs_no_mtp if options.no_mtp is None else options.no_mtp
     if model.needs_no_mtp:
         logger.warning("config declares %d MTP layer(s) the weights lack: converting with --no-mtp",
@@ -214,7 +235,7 @@ def run_job(options: JobOptions) -> JobResult:
                            tensor.wanted, tensor.shape[0])
     if early_imatrix is not None:
         check_imatrix_fits(early_imatrix, bf16_header)
-    imatrix = _prepare_imatrix(options, toolchain, bf16, bf16_header, convert_stage.key, timings)
+    imatrix = _prepare_imatrix(options, model, toolchain, bf16, bf16_header, convert_stage.key, timings)
 
     levels = []
     for plan in plans:
@@ -225,6 +246,23 @@ def run_job(options: JobOptions) -> JobResult:
         levels.append(LevelOutput(plan.recipe.level, plan.recipe, path, verification))
 
     with timings.stage("output"):
-        result_json = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages)
-    return JobResult(out_dir, result_json, model, tuple(levels), timings.stages)
+        outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages,
+                                output_repo=target.repo_id if target else None)
+    publication = None
+    if target is not None:
+        assert options.token is not None
+        with timings.stage("publish"):
+            files = _upload_files(options, toolchain, outputs)
+            publication = publish(target, files, token=options.token, volatile=frozenset({outputs.result.name}),
+                                  message=f"udquant: {', '.join(lv.level for lv in levels)} of {model.source}")
+    return JobResult(out_dir, outputs.result, model, tuple(levels), timings.stages, publication)
 
+
+def _upload_files(options: JobOptions, toolchain: Toolchain, outputs: OutputFiles) -> dict[str, Path]:
+    """Repo path -> local file: every GGUF (split when large), the recipes, card and result."""
+    files: dict[str, Path] = {}
+    for gguf in outputs.ggufs:
+        for part in split_for_upload(toolchain, gguf, gguf.parent / "split", options.split_bytes,
+                                     log_path=options.work_dir / "publish.log"):
+            files[part.name] = part
+    return files | outputs.for_upload()

@@ -16,6 +16,7 @@ import yaml
 
 from udquant import __version__
 from udquant.imatrix import Imatrix
+from udquant.imatrix_discovery import Candidate
 from udquant.library import data_file
 from udquant.recipe import Recipe
 from udquant.resolve import ModelInfo
@@ -37,14 +38,18 @@ class LevelOutput:
 
 @dataclass(frozen=True)
 class ImatrixUse:
-    mode: str  # "none", "computed" or "file"
+    mode: str  # "none", "computed", "file" or "hub"
     imatrix: Imatrix | None
     calibration_sha256: str | None = None
+    origin: Candidate | None = None  # where a Hub imatrix came from
 
     def describe(self) -> dict[str, Any]:
         if self.imatrix is None:
             return {"source": "none"}
-        return {"source": self.mode, "file": self.imatrix.path.name, "format": self.imatrix.format,
+        hub = {} if self.origin is None else {
+            "repo": self.origin.repo_id, "origin": self.origin.origin, "for_model": self.origin.for_model,
+            "is_base_model_imatrix": self.origin.is_base, "label": self.origin.label}
+        return {"source": self.mode, **hub, "file": self.imatrix.path.name, "format": self.imatrix.format,
                 "sha256": sha256_file(self.imatrix.path), "datasets": list(self.imatrix.datasets),
                 "chunk_count": self.imatrix.chunk_count, "chunk_size": self.imatrix.chunk_size,
                 "entries": len(self.imatrix.widths), "calibration_sha256": self.calibration_sha256}
@@ -89,7 +94,7 @@ def _provenance_text(provenance: dict[str, Any]) -> str:
 
 
 def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[str, Any],
-                toolchain: Toolchain) -> str:
+                toolchain: Toolchain, output_repo: str | None = None) -> str:
     tags = ["gguf", "ud-quant", "quantized", "udquant"]
     if imatrix["source"] != "none":
         tags.insert(1, "imatrix")
@@ -109,8 +114,11 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         imatrix_text = "none"
     else:
         datasets = ", ".join(imatrix["datasets"]) or "not recorded"
-        imatrix_text = (f"{imatrix['source']} (`{imatrix['file']}`, datasets: {datasets}, "
-                        f"{imatrix['chunk_count']} chunks)")
+        where = {"computed": "computed by udquant on this model", "file": "given by the user",
+                 "hub": imatrix.get("label", "")}[imatrix["source"]]
+        imatrix_text = f"{where} (`{imatrix['file']}`, datasets: {datasets}, {imatrix['chunk_count']} chunks)"
+        if imatrix.get("is_base_model_imatrix"):
+            imatrix_text += " — **the base model's imatrix, not the distill's** (asked for with --allow-base-imatrix)"
     template = Template(data_file("card.md.tmpl").read_text())
     return template.substitute(
         front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
@@ -120,23 +128,38 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         source_revision=f" at revision `{model.revision}`" if model.revision else "",
         file_rows=file_rows, type_rows=type_rows, provenance=provenance, imatrix=imatrix_text,
         llama_cpp=f"{toolchain.tag} ({toolchain.commit}, {toolchain.backend})",
-        first_file=levels[0]["file"],
+        run_model=f"-hf {output_repo}:{levels[0]['level']}" if output_repo else f"-m {levels[0]['file']}",
     )
 
 
+@dataclass(frozen=True)
+class OutputFiles:
+    ggufs: tuple[Path, ...]
+    recipes: tuple[Path, ...]
+    card: Path
+    result: Path
+
+    def for_upload(self) -> dict[str, Path]:
+        return {p.name: p for p in (*self.recipes, self.card, self.result)}
+
+
 def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], imatrix: ImatrixUse,
-                  toolchain: Toolchain, timings: dict[str, dict[str, Any]]) -> Path:
-    """Place verified files and write card and result JSON into out_dir; return the result path."""
+                  toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
+                  output_repo: str | None = None) -> OutputFiles:
+    """Place verified files and write card and result JSON into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
     level_records = []
+    ggufs, recipes = [], []
     for level in levels:
         name = gguf_file_name(model, level.level)
         _place(level.source, out_dir / name, link=True)
+        ggufs.append(out_dir / name)
         recipe_name = f"{model.name}-{level.level}.recipe.yaml"
         if level.recipe.source_path is not None:
             # A copy: a link would let an edit of the output change the library's recipe.
             _place(level.recipe.source_path, out_dir / recipe_name, link=False)
+            recipes.append(out_dir / recipe_name)
         check = level.verification
         level_records.append({
             "level": level.level, "file": name, "size": (out_dir / name).stat().st_size,
@@ -153,12 +176,13 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                    "revision": model.revision, "hf_architecture": model.hf_architecture,
                    "llama_arch": model.llama_arch, "n_params": model.n_params,
                    "no_mtp": model.needs_no_mtp},
+        "output_repo": output_repo,
         "llama_cpp": toolchain.describe(),
         "imatrix": imatrix_record,
         "levels": level_records,
         "timings": timings,
     }
-    _write_text(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain))
+    _write_text(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo))
     result_path = out_dir / RESULT_NAME
     _write_text(result_path, json.dumps(result, indent=2) + "\n")
-    return result_path
+    return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path)

@@ -35,6 +35,7 @@ class ModelInfo:
     weights_bytes: int
     weight_names: tuple[str, ...]
     declared_mtp_layers: int
+    base_models: tuple[str, ...] = ()  # the card's base_model chain, nearest first
 
     @property
     def mtp_weights_present(self) -> bool:

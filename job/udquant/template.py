@@ -100,14 +100,13 @@ def _read_remote_header(fs: Any, path: str, size: int) -> tuple[GGUFHeader, int]
 def read_template_remote(repo_id: str, file_glob: str, *, revision: str | None = None,
                          token: str | None = None) -> TemplateLayout:
     from huggingface_hub import HfApi, HfFileSystem
-    from huggingface_hub.errors import HfHubHTTPError
 
-    from udquant.hub import hub_error
+    from udquant.hub import HUB_ERRORS, hub_error
 
     api = HfApi(token=token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    except HfHubHTTPError as err:
+    except HUB_ERRORS as err:
         raise hub_error(repo_id, err) from None
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     matches = sorted(n for n in sizes if n.endswith(".gguf") and fnmatch.fnmatch(n, file_glob))
@@ -127,7 +126,7 @@ def read_template_remote(repo_id: str, file_glob: str, *, revision: str | None =
     for name in names:
         try:
             header, count = _read_remote_header(fs, f"{repo_id}@{info.sha}/{name}", sizes[name])
-        except HfHubHTTPError as err:
+        except HUB_ERRORS as err:
             raise hub_error(repo_id, err) from None
         headers.append(header)
         fetched += count

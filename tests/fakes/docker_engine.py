@@ -1,0 +1,197 @@
+"""A fake Docker Engine API on a unix socket, for the real docker SDK (DOCKER_HOST=unix://...).
+
+Only what the SDK calls for containers.run / get / logs / stop, images.pull and ping:
+  GET  /_ping, /version
+  POST /containers/create?name=   (404 "No such image" until the image was pulled)
+  POST /containers/{id}/start, /containers/{id}/stop
+  GET  /containers/{id}/json, /containers/{id}/logs (multiplexed stdout/stderr frames)
+  POST /images/create?fromImage=&tag=    GET /images/{name}/json
+Every request is recorded with its body; tests finish containers with `finish()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socketserver
+import struct
+import tempfile
+import threading
+import uuid
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+API_VERSION = "1.47"
+
+
+class EngineState:
+    def __init__(self) -> None:
+        self.images: set[str] = set()
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.output: dict[str, list[tuple[int, str]]] = {}  # container id -> (stream 1|2, line)
+        self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
+        self.lock = threading.Lock()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: EngineState
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def address_string(self) -> str:  # unix sockets have no peer address
+        return "unix"
+
+    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Api-Version", API_VERSION)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, payload: Any, status: int = 200) -> None:
+        self._send(status, json.dumps(payload).encode())
+
+    def _message(self, status: int, message: str) -> None:
+        self._json({"message": message}, status)
+
+    def do_GET(self) -> None:
+        self._route()
+
+    def do_HEAD(self) -> None:
+        self._route()
+
+    def do_POST(self) -> None:
+        self._route()
+
+    def do_DELETE(self) -> None:
+        self._route()
+
+    def _route(self) -> None:
+        url = urlparse(self.path)
+        path = re.sub(r"^/v\d+\.\d+", "", url.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        body = json.loads(raw) if raw.strip().startswith(b"{") else None
+        with self.state.lock:
+            self.state.requests.append((self.command, path + (f"?{url.query}" if url.query else ""), body))
+        if path == "/_ping":
+            return self._send(200, b"OK", "text/plain")
+        if path == "/version":
+            return self._json({"ApiVersion": API_VERSION, "MinAPIVersion": "1.24", "Version": "27.3.1",
+                               "Os": "linux", "Arch": "amd64"})
+        if path == "/containers/create" and self.command == "POST":
+            return self._create(body or {}, query.get("name", ""))
+        if match := re.fullmatch(r"/containers/([^/]+)/(json|start|stop|logs)", path):
+            return self._container(match.group(1), match.group(2), query)
+        if path == "/images/create" and self.command == "POST":
+            return self._pull(query.get("fromImage", ""), query.get("tag", "latest"))
+        if match := re.fullmatch(r"/images/(.+)/json", path):
+            name = unquote(match.group(1))
+            if name not in self.state.images:
+                return self._message(404, f"No such image: {name}")
+            return self._json({"Id": "sha256:" + "0" * 64, "RepoTags": [name]})
+        self._message(404, f"page not found: {self.command} {path}")
+
+    def _create(self, body: dict[str, Any], name: str) -> None:
+        image = body.get("Image", "")
+        if image not in self.state.images:
+            return self._message(404, f"No such image: {image}")
+        container_id = uuid.uuid4().hex + uuid.uuid4().hex
+        with self.state.lock:
+            self.state.containers[container_id] = {
+                "Id": container_id, "Name": f"/{name}", "Image": image,
+                "Config": {"Image": image, "Cmd": body.get("Cmd"), "Entrypoint": body.get("Entrypoint"),
+                           "Env": body.get("Env"), "Labels": body.get("Labels") or {}, "Tty": bool(body.get("Tty"))},
+                "HostConfig": body.get("HostConfig") or {},
+                "State": {"Status": "created", "Running": False, "ExitCode": 0},
+            }
+            self.state.output[container_id] = []
+        self._json({"Id": container_id, "Warnings": []}, 201)
+
+    def _container(self, container_id: str, action: str, query: dict[str, str]) -> None:
+        container = self.state.containers.get(container_id)
+        if container is None:
+            return self._message(404, f"No such container: {container_id}")
+        if action == "json":
+            return self._json(container)
+        if action == "start":
+            with self.state.lock:
+                container["State"] = {"Status": "running", "Running": True, "ExitCode": 0}
+                self.state.output[container_id].append((2, "INFO resolve: started"))
+            return self._send(204)
+        if action == "stop":
+            with self.state.lock:
+                if container["State"]["Running"]:
+                    container["State"] = {"Status": "exited", "Running": False, "ExitCode": 143}
+            return self._send(204)
+        lines = self.state.output[container_id]
+        wanted = {1} if query.get("stdout") in ("1", "True", "true") else set()
+        wanted |= {2} if query.get("stderr") in ("1", "True", "true") else set()
+        tail = query.get("tail", "all")
+        selected = [(stream, line) for stream, line in lines if stream in wanted]
+        if tail != "all":
+            selected = selected[-int(tail):] if int(tail) else []
+        frames = b"".join(struct.pack(">BxxxL", stream, len(data)) + data
+                          for stream, data in ((s, (line + "\n").encode()) for s, line in selected))
+        self._send(200, frames, "application/vnd.docker.multiplexed-stream")
+
+    def _pull(self, image: str, tag: str) -> None:
+        with self.state.lock:
+            self.state.images.add(f"{image}:{tag}")
+        progress = [{"status": f"Pulling from {image}", "id": tag},
+                    {"status": f"Downloaded newer image for {image}:{tag}"}]
+        self._send(200, b"".join(json.dumps(p).encode() + b"\r\n" for p in progress))
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class FakeDockerEngine:
+    """`with FakeDockerEngine() as engine:` serves on engine.socket_path; engine.docker_host for DOCKER_HOST."""
+
+    def __init__(self) -> None:
+        self.state = EngineState()
+        self._dir = tempfile.mkdtemp(prefix="fake-docker-")
+        self.socket_path = Path(self._dir) / "docker.sock"
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self._server = _Server(str(self.socket_path), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def docker_host(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> FakeDockerEngine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self.socket_path.exists():
+            os.unlink(self.socket_path)
+        os.rmdir(self._dir)
+
+    def __enter__(self) -> FakeDockerEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def finish(self, container_id: str, exit_code: int, stdout: Sequence[str] = (), stderr: Sequence[str] = ()) -> None:
+        """End a running container as the job would: stderr lines, then stdout (its last line the URL)."""
+        with self.state.lock:
+            output = self.state.output[container_id]
+            output += [(2, line) for line in stderr] + [(1, line) for line in stdout]
+            self.state.containers[container_id]["State"] = {"Status": "exited", "Running": False,
+                                                            "ExitCode": exit_code}

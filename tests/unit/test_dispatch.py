@@ -1,0 +1,401 @@
+"""Dispatch backends through their real clients (huggingface_hub, docker SDK, httpx) against fakes at
+the boundary: Hub jobs endpoints on the local Hub test server, a Docker Engine on a unix socket, a
+GitHub API on 127.0.0.1. Checked: the exact image, command, GPU request, env and secrets sent, and
+that the token is never where it should not be."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fakes.docker_engine import FakeDockerEngine
+from tests.fakes.github_api import FakeGitHub
+from tests.fakes.hub_jobs import HubJobs
+from tests.fakes.hub_models import add_distill
+from tests.hubserver import HubServer
+from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, link_from_logs, make_request, redact
+from udquant.dispatch.cli import add_dispatch_command
+from udquant.dispatch.docker_backend import DockerBackend, engine_available
+from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, output_bytes
+from udquant.dispatch.github import GitHubBackend
+from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
+from udquant.dispatch.job_command import build_job_args, build_workflow_inputs, default_image, image_tag
+from udquant.dispatch.preview import inspect_repo
+from udquant.dispatch.queue import JobRegistry, QueueLimitError
+from udquant.errors import InputError
+from udquant.recipe import load_recipe_ref
+
+HF_TOKEN = "hf_DispatchSecretToken0123456789abcdef"
+GH_TOKEN = "ghp_DispatchSecretToken0123456789abcdef"
+IMAGE = "ghcr.io/udquant/udquant-job:0.1.0"
+JOB_ARGS = ["someone/Distill-8B", "--quant", "UD-Q5_K_XL", "--quant", "UD-Q4_K_XL", "--recipe", "auto",
+            "--imatrix", "auto", "--upload", "--output-repo", "alice/Distill-8B-UD-GGUF", "--private"]
+
+
+@pytest.fixture
+def request_two_levels() -> DispatchRequest:
+    return make_request("someone/Distill-8B", "alice", levels=["UD-Q5_K_XL", "UD-Q4_K_XL"], private=True)
+
+
+@pytest.fixture
+def jobs(hub: HubServer) -> Iterator[HubJobs]:
+    fake = HubJobs(hub, users={HF_TOKEN: "alice"}).install()
+    yield fake
+    fake.uninstall()
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDockerEngine]:
+    with FakeDockerEngine() as fake:
+        monkeypatch.setenv("DOCKER_HOST", fake.docker_host)
+        yield fake
+
+
+@pytest.fixture
+def github() -> Iterator[FakeGitHub]:
+    with FakeGitHub() as fake:
+        fake.state.tokens.add(GH_TOKEN)
+        yield fake
+
+
+def _assert_no_token(value: object, token: str) -> None:
+    assert token not in json.dumps(value, default=str)
+
+
+# -- the request and the one command line ------------------------------------------------------------
+def test_job_args_are_the_single_command_line(request_two_levels: DispatchRequest) -> None:
+    assert request_two_levels.image == IMAGE == default_image()
+    assert build_job_args(request_two_levels) == ["udquant-job", *JOB_ARGS]
+
+
+def test_job_args_without_output_repo_or_private() -> None:
+    request = make_request("someone/Distill-8B", None, recipe="generic/UD-Q4_K_XL", levels=["UD-Q4_K_XL"],
+                           imatrix="none")
+    assert build_job_args(request) == ["udquant-job", "someone/Distill-8B", "--quant", "UD-Q4_K_XL",
+                                       "--recipe", "generic/UD-Q4_K_XL", "--imatrix", "none", "--upload"]
+
+
+def test_job_args_parse_with_the_jobs_own_parser(request_two_levels: DispatchRequest) -> None:
+    """The contract with udquant-job: every argument is one it knows, with the meaning intended."""
+    from udquant.cli import add_job_arguments
+
+    parser = argparse.ArgumentParser(prog="udquant-job")
+    add_job_arguments(parser)
+    args = parser.parse_args(build_job_args(request_two_levels)[1:])
+    assert (args.source, args.levels, args.recipe, args.imatrix) == (
+        "someone/Distill-8B", ["UD-Q5_K_XL", "UD-Q4_K_XL"], "auto", "auto")
+    assert (args.upload, args.output_repo, args.private) == (True, "alice/Distill-8B-UD-GGUF", True)
+
+
+def test_image_tag() -> None:
+    assert image_tag("ghcr.io/udquant/udquant-job:0.1.0") == "0.1.0"
+    assert image_tag("localhost:5000/udquant-job") == "latest"
+    assert image_tag("localhost:5000/udquant-job:1.2@sha256:" + "0" * 64) == "1.2"
+
+
+def test_workflow_inputs(request_two_levels: DispatchRequest) -> None:
+    assert build_workflow_inputs(request_two_levels) == {
+        "repo": "someone/Distill-8B", "levels": "UD-Q5_K_XL UD-Q4_K_XL", "recipe": "auto", "imatrix": "auto",
+        "private": "true", "image-tag": "0.1.0"}
+
+
+@pytest.mark.parametrize("changes", [
+    {"repo_id": "--help/x"}, {"repo_id": "owner/name; rm -rf /"}, {"repo_id": "../etc"},
+    {"output_repo": "alice/x y"}, {"levels": ()}, {"levels": ("UD-Q9_K_XXL",)}, {"levels": ("--quant",)},
+    {"levels": ("UD-Q5_K_XL", "UD-Q5_K_XL")}, {"recipe": "/etc/passwd"}, {"recipe": "generic/../../x"},
+    {"recipe": "generic/UD-Q5_K_XL", "levels": ("UD-Q5_K_XL", "UD-Q4_K_XL")}, {"imatrix": "/tmp/x.dat"},
+    {"image": "ghcr.io/udquant/udquant-job:0.1.0 --privileged"}, {"image": "UPPER/Case"},
+])
+def test_requests_are_validated_when_made(changes: dict[str, object]) -> None:
+    fields: dict[str, object] = {"repo_id": "someone/Distill-8B", "output_repo": "alice/Distill-8B-UD-GGUF"}
+    with pytest.raises(InputError):
+        DispatchRequest(**(fields | changes))  # type: ignore[arg-type]
+
+
+def test_link_and_redaction_helpers() -> None:
+    assert link_from_logs(["INFO done", "https://huggingface.co/alice/X-UD-GGUF", ""]) == \
+        "https://huggingface.co/alice/X-UD-GGUF"
+    assert link_from_logs(["see https://example.org/a", "INFO no link on the last line"]) is None
+    assert redact(f"token={HF_TOKEN}!", [HF_TOKEN, None]) == "token=***!"
+
+
+# -- HF Jobs ------------------------------------------------------------------------------------------
+def test_hf_jobs_sends_image_command_flavor_and_token_as_secret(jobs: HubJobs, hub: HubServer,
+                                                                request_two_levels: DispatchRequest,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    backend = HfJobsBackend(HF_TOKEN, flavor="l40sx1", timeout="2h")
+    handle = backend.start(request_two_levels)
+    (spec,) = jobs.created
+    assert spec["dockerImage"] == IMAGE
+    assert spec["command"] == ["udquant-job", *JOB_ARGS]
+    assert spec["flavor"] == "l40sx1"
+    assert spec["timeoutSeconds"] == 7200
+    assert spec["secrets"] == {"HF_TOKEN": HF_TOKEN}
+    assert spec["environment"] == {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                                   "HF_HUB_ENABLE_HF_TRANSFER": "0"}
+    assert spec["labels"]["app"] == "udquant"
+    _assert_no_token({k: v for k, v in spec.items() if k != "secrets"}, HF_TOKEN)
+    assert handle == JobHandle("hf-jobs", handle.job_id, "alice", "alice/Distill-8B-UD-GGUF",
+                               f"{hub.url}/jobs/alice/{handle.job_id}")
+    _assert_no_token(handle, HF_TOKEN)
+    states = [backend.status(handle).state for _ in range(3)]
+    assert states == ["running", "running", "completed"]
+    lines = backend.logs(handle, tail=2)
+    assert lines[-1] == f"{hub.url}/alice/Distill-8B-UD-GGUF"
+    assert len(lines) == 2
+    assert backend.result_link(handle) == f"{hub.url}/alice/Distill-8B-UD-GGUF"
+    assert HF_TOKEN not in caplog.text
+
+
+def test_hf_jobs_cancel_and_running_jobs(jobs: HubJobs, request_two_levels: DispatchRequest) -> None:
+    backend = HfJobsBackend(HF_TOKEN)
+    handle = backend.start(request_two_levels)
+    assert backend.running_jobs() == [handle.job_id]
+    backend.cancel(handle)
+    assert backend.status(handle).state == "canceled"
+    assert backend.running_jobs() == []
+    assert backend.result_link(handle) is None
+
+
+def test_hf_jobs_failure_and_bad_token(jobs: HubJobs, request_two_levels: DispatchRequest) -> None:
+    jobs.progression = ["SCHEDULING", "RUNNING", "ERROR"]
+    backend = HfJobsBackend(HF_TOKEN)
+    handle = backend.start(request_two_levels)
+    assert [backend.status(handle).state for _ in range(2)] == ["running", "failed"]
+    with pytest.raises(DispatchError) as caught:
+        HfJobsBackend("hf_wrong_token").start(request_two_levels)
+    assert caught.value.status_code == 401
+    assert "hf_wrong_token" not in str(caught.value)
+    with pytest.raises(DispatchError, match="token is needed"):
+        HfJobsBackend("")
+
+
+def test_hardware_list_and_estimates(jobs: HubJobs) -> None:
+    flavors = {info.name: describe_hardware(info) for info in list_hardware(HF_TOKEN)}
+    a10g = flavors["a10g-large"]
+    assert (a10g.gpu_model, a10g.gpu_count, a10g.vram_bytes, a10g.cpus) == ("A10G", 1, 24e9, 12)
+    assert a10g.cost_usd_per_minute == pytest.approx(0.025)
+    estimates = estimate_flavors(list(flavors.values()), 8_000_000_000, [5_500_000_000])
+    assert "cpu-basic" not in [e.hardware.name for e in estimates]  # GPU flavors only
+    assert [e.hardware.name for e in estimates] == ["a10g-large", "l40sx1", "h200", "t4-small"]  # offload last
+    for e in estimates:
+        assert e.cost_usd == pytest.approx(e.minutes * e.hardware.cost_usd_per_minute)
+    t4 = next(e for e in estimates if e.hardware.name == "t4-small")
+    assert "partial offload" in t4.note
+
+
+def test_estimate_sizes_and_small_disk() -> None:
+    recipe = load_recipe_ref("generic/UD-Q5_K_XL")
+    assert bits_per_weight(recipe) == 5.5  # q5_K: 176 bytes per 256 weights
+    assert output_bytes(8_000_000_000, 5.5) == 5_500_000_000
+    tiny_disk = Hardware("x", "X", 4, 16e9, 20e9, "L4", 1, 24e9, 0.01)
+    (estimate,) = estimate_flavors([tiny_disk], 8_000_000_000, [5_500_000_000])
+    assert not estimate.fits and "disk" in estimate.note
+
+
+def test_inspect_reads_architecture_params_base_model_and_recipes(jobs: HubJobs, hub: HubServer) -> None:
+    add_distill(hub.state, "someone/Distill-8B", base_model="meta-llama/Llama-3.1-8B")
+    found = inspect_repo("someone/Distill-8B", token=None, levels=("UD-Q5_K_XL", "UD-Q4_K_XL"), imatrix="auto")
+    assert (found.hf_architecture, found.llama_arch) == ("LlamaForCausalLM", "llama")
+    assert found.n_params == 8_030_261_248
+    assert found.base_models == ("meta-llama/Llama-3.1-8B",)
+    assert "mradermacher" in found.imatrix_source
+    assert [level.level for level in found.levels] == ["UD-Q5_K_XL", "UD-Q4_K_XL"]
+    assert all(level.recipe_id.endswith(level.level) for level in found.levels)
+    assert found.levels[0].output_bytes == output_bytes(found.n_params, found.levels[0].bits_per_weight)
+
+
+# -- Docker -------------------------------------------------------------------------------------------
+def test_docker_pulls_and_runs_with_all_gpus_cache_volume_and_token_in_env_only(
+        engine: FakeDockerEngine, request_two_levels: DispatchRequest, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    backend = DockerBackend(HF_TOKEN)
+    handle = backend.start(request_two_levels)
+    calls = [(method, path.split("?")[0]) for method, path, _ in engine.state.requests]
+    assert ("POST", "/images/create") in calls  # the image was missing: pulled, then created again
+    pulls = [path for method, path, _ in engine.state.requests if path.startswith("/images/create")]
+    assert pulls == ["/images/create?tag=0.1.0&fromImage=ghcr.io%2Fudquant%2Fudquant-job"] or \
+        pulls == ["/images/create?fromImage=ghcr.io%2Fudquant%2Fudquant-job&tag=0.1.0"]
+    create = [body for method, path, body in engine.state.requests if path.startswith("/containers/create")][-1]
+    assert create is not None
+    assert create["Image"] == IMAGE
+    assert create["Entrypoint"] == ["udquant-job"]
+    assert create["Cmd"] == JOB_ARGS
+    assert create["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+    assert create["HostConfig"]["Binds"] == ["udquant-hf-cache:/cache/huggingface:rw"]
+    assert sorted(create["Env"]) == sorted(["HF_HOME=/cache/huggingface", "UDQUANT_NO_PROGRESS=1",
+                                            "HF_HUB_DISABLE_TELEMETRY=1", f"HF_TOKEN={HF_TOKEN}"])
+    assert create["Labels"] == {"org.udquant.job": "udquant-job", "org.udquant.version": "0.1.0",
+                                "org.udquant.repo": "someone/Distill-8B",
+                                "org.udquant.output-repo": "alice/Distill-8B-UD-GGUF"}
+    _assert_no_token({k: v for k, v in create.items() if k != "Env"}, HF_TOKEN)
+    _assert_no_token(handle, HF_TOKEN)
+    assert backend.status(handle).state == "running"
+    engine.finish(handle.job_id, 0, stdout=["https://huggingface.co/alice/Distill-8B-UD-GGUF"],
+                  stderr=["INFO verify: every tensor has the recipe's type"])
+    assert backend.status(handle).state == "completed"
+    assert backend.logs(handle, tail=2) == ["INFO verify: every tensor has the recipe's type",
+                                            "https://huggingface.co/alice/Distill-8B-UD-GGUF"]
+    assert backend.result_link(handle) == "https://huggingface.co/alice/Distill-8B-UD-GGUF"
+    assert HF_TOKEN not in caplog.text
+
+
+def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: DispatchRequest) -> None:
+    engine.state.images.add(IMAGE)
+    backend = DockerBackend(HF_TOKEN)
+    handle = backend.start(request_two_levels)
+    assert not any(path.startswith("/images/create") for _, path, _ in engine.state.requests)
+    backend.cancel(handle)
+    assert ("POST", f"/containers/{handle.job_id}/stop?t=30") in [(m, p) for m, p, _ in engine.state.requests]
+    assert backend.status(handle).state == "canceled"
+    failing = backend.start(request_two_levels)
+    engine.finish(failing.job_id, 5, stderr=[f"ERROR verification failed (token {HF_TOKEN} echoed by mistake)"])
+    assert backend.status(failing) == backend.status(failing)
+    assert backend.status(failing).state == "failed"
+    assert HF_TOKEN not in "\n".join(backend.logs(failing))  # redacted even if the job printed it
+    assert backend.result_link(failing) is None
+    with pytest.raises(DispatchError) as caught:
+        backend.status(JobHandle("docker", "nope", "", None))
+    assert caught.value.status_code == 404
+
+
+def test_docker_engine_detection(engine: FakeDockerEngine, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    assert engine_available()
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    assert not engine_available()
+    with pytest.raises(DispatchError, match="no Docker engine"):
+        DockerBackend(HF_TOKEN)
+
+
+# -- GitHub -------------------------------------------------------------------------------------------
+def test_github_dispatches_quantize_workflow_and_finds_its_run(github: FakeGitHub,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    github.state.run_delay = 2  # the new run is listed only on the third look
+    request = make_request("someone/Distill-8B", None, levels=["UD-Q5_K_XL", "UD-Q4_K_XL"], imatrix="auto")
+    backend = GitHubBackend(GH_TOKEN, "me/udquant-runner", api_url=github.url, poll_interval=0.01)
+    handle = backend.start(request)
+    dispatches = [r for r in github.state.requests if r[0] == "POST"]
+    assert [(method, path) for method, path, _, _ in dispatches] == [
+        ("POST", "/repos/me/udquant-runner/actions/workflows/quantize.yml/dispatches")]
+    _, _, headers, body = dispatches[0]
+    assert body == {"ref": "main", "inputs": {"repo": "someone/Distill-8B", "levels": "UD-Q5_K_XL UD-Q4_K_XL",
+                                              "recipe": "auto", "imatrix": "auto", "private": "false",
+                                              "image-tag": "0.1.0"}}
+    assert headers["Authorization"] == f"Bearer {GH_TOKEN}"
+    assert headers["X-GitHub-Api-Version"] == "2022-11-28"
+    listings = [p for m, p, _, _ in github.state.requests if "/runs?" in p]
+    assert all("event=workflow_dispatch" in p for p in listings) and len(listings) >= 3
+    (run,) = github.state.runs.values()
+    assert handle == JobHandle("github", str(run.id), "me/udquant-runner", None,
+                               f"{github.url}/me/udquant-runner/actions/runs/{run.id}")
+    assert backend.status(handle).state == "running"
+    assert "appears when it has finished" in backend.logs(handle)[0]
+    assert backend.result_link(handle) is None
+    # As on GitHub: the job's stdout (its last line the link), then the steps that follow it.
+    github.state.finish(run.id, "success", ["Run the job", "https://huggingface.co/me/X-UD-GGUF",
+                                            "Post job cleanup.", "https://github.com/me/udquant-runner done"])
+    assert backend.status(handle).state == "completed"
+    assert backend.logs(handle)[-3].endswith("https://huggingface.co/me/X-UD-GGUF")
+    assert backend.result_link(handle) == "https://huggingface.co/me/X-UD-GGUF"
+    assert GH_TOKEN not in caplog.text
+
+
+def test_github_cancel_failure_and_errors(github: FakeGitHub) -> None:
+    request = make_request("someone/Distill-8B", None)
+    backend = GitHubBackend(GH_TOKEN, "me/runner", api_url=github.url, poll_interval=0.01)
+    handle = backend.start(request)
+    backend.cancel(handle)
+    assert backend.status(handle).state == "canceled"
+    failed = backend.start(request)
+    github.state.finish(int(failed.job_id), "failure", ["ERROR quantize failed"])
+    assert backend.status(failed).state == "failed"
+    with pytest.raises(DispatchError) as caught:
+        GitHubBackend("ghp_wrong", "me/runner", api_url=github.url).start(request)
+    assert caught.value.status_code == 401 and "ghp_wrong" not in str(caught.value)
+    with pytest.raises(DispatchError, match="output repo"):
+        backend.start(make_request("someone/Distill-8B", "alice"))
+    for bad in ("me", "me/runner/x", "-me/runner", "me/../x"):
+        with pytest.raises(DispatchError):
+            GitHubBackend(GH_TOKEN, bad, api_url=github.url)
+    with pytest.raises(DispatchError):
+        GitHubBackend(GH_TOKEN, "me/runner", workflow="../quantize.yml")
+    github.state.run_delay = 10**6
+    with pytest.raises(DispatchError, match="no new run"):
+        GitHubBackend(GH_TOKEN, "me/runner", api_url=github.url, find_timeout=0.05, poll_interval=0.01).start(request)
+
+
+# -- queue limits -------------------------------------------------------------------------------------
+def test_one_running_job_per_user() -> None:
+    registry = JobRegistry()
+    first = JobHandle("hf-jobs", "1", "alice", None)
+    second = JobHandle("hf-jobs", "2", "alice", None)
+    running = {"1": True}
+    assert registry.submit("alice", lambda h: running.get(h.job_id, False), lambda: first) == first
+    with pytest.raises(QueueLimitError, match="job 1"):
+        registry.submit("alice", lambda h: running.get(h.job_id, False), lambda: second)
+    assert registry.submit("bob", lambda h: True, lambda: second) == second  # other users are not held up
+    running["1"] = False
+    assert registry.submit("alice", lambda h: running.get(h.job_id, False), lambda: second) == second
+
+    def start_again() -> JobHandle:  # a second click while the first submission is still starting
+        with pytest.raises(QueueLimitError, match="in flight"):
+            registry.submit("carol", lambda h: False, lambda: first)
+        return first
+
+    registry.submit("carol", lambda h: False, start_again)
+    registry.finish("carol", first)
+    assert registry.active("carol") is None
+
+
+# -- the CLI adapter ----------------------------------------------------------------------------------
+def _dispatch_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="udquant")
+    add_dispatch_command(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_dispatch_hf_jobs_wait_prints_link_last(jobs: HubJobs, hub: HubServer, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    argv = ["dispatch", "--backend", "hf-jobs", "someone/Distill-8B", "--quant", "UD-Q5_K_XL", "--flavor", "h200",
+            "--wait", "--poll", "0"]
+    args = _dispatch_parser().parse_args(argv)
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == f"{hub.url}/alice/Distill-8B-UD-GGUF"
+    assert "completed" in err
+    assert HF_TOKEN not in out + err
+    (spec,) = jobs.created
+    assert spec["flavor"] == "h200" and spec["secrets"] == {"HF_TOKEN": HF_TOKEN}
+
+
+def test_cli_needs_tokens_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+    parser = _dispatch_parser()
+    for argv in (["dispatch", "--backend", "hf-jobs", "a/b"], ["dispatch", "--backend", "github", "a/b",
+                                                               "--github-repo", "me/runner"]):
+        args = parser.parse_args(argv)
+        with pytest.raises(InputError, match="in the environment"):
+            args.func(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dispatch", "--backend", "hf-jobs", "a/b", "--token", "x"])
+
+
+def test_cli_dispatch_github(github: FakeGitHub, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GITHUB_TOKEN", GH_TOKEN)
+    args = _dispatch_parser().parse_args(["dispatch", "--backend", "github", "someone/Distill-8B", "--github-repo",
+                                          "me/runner", "--github-api", github.url, "--private"])
+    assert args.func(args) == 0
+    out, _ = capsys.readouterr()
+    (run,) = github.state.runs.values()
+    assert out.strip() == str(run.id)
+    assert run.inputs["private"] == "true"

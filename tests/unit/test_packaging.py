@@ -1,0 +1,388 @@
+"""The Dockerfile and the GitHub workflows: linted, and checked against the pin and the CLI.
+
+No Docker engine and no GitHub here: the linters come from the venv (the dev extras), and the
+quantize workflow's shell steps run under bash with a fake `docker` first on PATH.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from udquant import cli, toolchain
+from udquant.resolve import REPO_ID
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DOCKERFILE = ROOT / "Dockerfile"
+WORKFLOW_DIR = ROOT / ".github" / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.yml"))
+QUANTIZE = WORKFLOW_DIR / "quantize.yml"
+
+# Options the quantize workflow may pass before the job's parser has them: --private arrives with
+# the Hub upload (issue 4). Only an option the parser still lacks is skipped; once it exists it
+# is checked like every other, and the entry can go.
+PENDING_OPTIONS = frozenset({"--private"})
+
+FAKE_TOKEN = "hf_FAKEtokenFORtestsONLY0123456789"
+RESULT_LINE = "https://huggingface.co/owner/Distill-UD-GGUF"
+EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+
+
+def linter(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed in {BIN}; install the dev extras: pip install -e '.[dev]'")
+    return str(path)
+
+
+def run_linter(argv: list[str]) -> None:
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{Path(argv[0]).name} found problems:\n{done.stdout}{done.stderr}"
+
+
+def load_workflow(path: Path) -> dict:
+    # YAML 1.1 reads the key `on` as True; the tests only look at jobs and inputs.
+    return yaml.safe_load(path.read_text())
+
+
+def workflow_triggers(workflow: dict) -> dict:
+    return workflow.get("on", workflow.get(True))
+
+
+def all_steps(workflow: dict) -> list[dict]:
+    return [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+
+
+def step_named(workflow: dict, name: str) -> dict:
+    return next(step for step in all_steps(workflow) if step.get("name") == name)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    instructions = []
+    for line in joined.splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword:
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile_arg_defaults() -> dict[str, str]:
+    defaults = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            defaults[name] = value.strip('"')
+    return defaults
+
+
+def read_pin_env() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (ROOT / "scripts" / "llama-cpp-pin.env").read_text().splitlines()
+             if line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def job_option_strings() -> set[str]:
+    parser = argparse.ArgumentParser()
+    cli.add_job_arguments(parser)
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+# --- linters -------------------------------------------------------------------------------
+
+
+def test_hadolint_passes_the_dockerfile():
+    run_linter([linter("hadolint"), "--no-color", str(DOCKERFILE)])
+
+
+def test_actionlint_passes_every_workflow():
+    assert {path.name for path in WORKFLOWS} >= {"ci.yml", "image.yml", "quantize.yml", "recipes.yml"}
+    # With shellcheck, actionlint also checks every run: script.
+    run_linter([linter("actionlint"), "-oneline", "-no-color", "-shellcheck", linter("shellcheck"),
+                "-pyflakes", "", *map(str, WORKFLOWS)])
+
+
+def test_every_workflow_matches_the_vendored_schema():
+    run_linter([linter("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", *map(str, WORKFLOWS)])
+
+
+def test_shellcheck_passes_the_scripts():
+    run_linter([linter("shellcheck"), "-x", *(str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("scripts/*.sh")))])
+
+
+def test_every_action_is_pinned_to_a_version_tag():
+    for path in WORKFLOWS:
+        for step in all_steps(load_workflow(path)):
+            if "uses" in step:
+                assert re.fullmatch(r"[\w.-]+/[\w./-]+@v\d+(\.\d+)*", step["uses"]), f"{path.name}: {step['uses']}"
+
+
+# --- the image -----------------------------------------------------------------------------
+
+
+def test_dockerfile_pins_the_same_llama_cpp_as_the_job():
+    assert dockerfile_arg_defaults()["LLAMA_CPP_TAG"] == read_pin_env()["LLAMA_CPP_TAG"] == toolchain.PINNED_TAG
+
+
+def test_dockerfile_builds_llama_cpp_through_the_build_script():
+    runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
+    build = [rest for rest in runs if "scripts/build-toolchain.sh" in rest]
+    assert build == ['scripts/build-toolchain.sh --from git --cuda --cuda-arch "$CUDA_ARCHITECTURES" '
+                     "--prefix /opt/llama.cpp"]
+    assert dockerfile_arg_defaults()["CUDA_ARCHITECTURES"] == "80;86;89;90"
+    envs = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "ENV")
+    assert "UDQUANT_LLAMA_CPP=/opt/llama.cpp" in envs.split()
+    stages = [rest for keyword, rest in dockerfile_instructions() if keyword == "FROM"]
+    assert stages == ["nvidia/cuda:12.8.1-devel-ubuntu24.04 AS builder", "nvidia/cuda:12.8.1-runtime-ubuntu24.04"]
+
+
+def test_image_versions_follow_the_project():
+    defaults = dockerfile_arg_defaults()
+    assert defaults["UDQUANT_VERSION"] == pyproject()["project"]["version"]
+    # One CPU torch across the Makefile, CI and the image.
+    makefile_torch = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert makefile_torch and defaults["TORCH_VERSION"] == makefile_torch.group(1)
+    assert f"torch=={defaults['TORCH_VERSION']}" in (WORKFLOW_DIR / "ci.yml").read_text()
+
+
+def test_image_entrypoint_is_the_job_console_script():
+    entrypoints = [rest for keyword, rest in dockerfile_instructions() if keyword == "ENTRYPOINT"]
+    assert [json.loads(rest) for rest in entrypoints] == [["udquant-job"]]
+    target = pyproject()["project"]["scripts"]["udquant-job"]
+    module, _, function = target.partition(":")
+    assert module == "udquant.cli" and callable(getattr(cli, function))
+
+
+def test_no_secret_in_any_image_layer():
+    names = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ARG":
+            names.append(rest.partition("=")[0])
+        elif keyword == "ENV":
+            names += [pair.partition("=")[0] for pair in rest.split() if "=" in pair]
+    assert names and not [n for n in names if re.search(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL", n, re.I)]
+    users = [rest for keyword, rest in dockerfile_instructions() if keyword == "USER"]
+    assert users and users[-1].partition(":")[0] not in ("0", "root")
+
+
+def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*", "the build context is an allowlist"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "COPY" and not rest.startswith("--from"):
+            for source in rest.split()[:-1]:
+                assert source in allowed, f"COPY {source} is excluded by .dockerignore"
+                assert (ROOT / source).exists()
+
+
+# --- the quantize workflow -----------------------------------------------------------------
+
+
+def expand(value: object, inputs: dict[str, object], secrets: dict[str, str], steps: dict[str, str]) -> str:
+    """An env: value as GitHub renders it, for the expressions these workflows use."""
+    def render(match: re.Match[str]) -> str:
+        scope, _, name = match.group(1).partition(".")
+        if scope == "inputs":
+            given = inputs[name]
+            return str(given).lower() if isinstance(given, bool) else str(given)
+        if scope == "secrets":
+            return secrets.get(name, "")
+        if scope == "steps":
+            return steps[name]
+        raise AssertionError(f"the test does not render ${{{{ {match.group(1)} }}}}")
+
+    return EXPRESSION.sub(render, str(value))
+
+
+FAKE_DOCKER = """#!/usr/bin/env bash
+printf '%s\\0' "$@" > "$FAKE_DOCKER_DIR/argv"
+printf '%s' "${HF_TOKEN-<unset>}" > "$FAKE_DOCKER_DIR/token"
+echo "some result line"
+echo "$FAKE_DOCKER_RESULT"
+"""
+
+
+def run_step(step: dict, tmp_path: Path, inputs: dict[str, object], secrets: dict[str, str] | None = None,
+             steps: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one step's script the way `shell: bash` does, with the runner's variables and a fake docker."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    docker = fake_bin / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    defaults = {name: spec.get("default", "") for name, spec in
+                workflow_triggers(load_workflow(QUANTIZE))["workflow_dispatch"]["inputs"].items()}
+    env = {
+        "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+        "GITHUB_REPOSITORY": "Owner/UdQuant", "GITHUB_WORKSPACE": str(ROOT), "RUNNER_TEMP": str(tmp_path),
+        "GITHUB_OUTPUT": str(tmp_path / "output"), "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+        "FAKE_DOCKER_DIR": str(tmp_path), "FAKE_DOCKER_RESULT": RESULT_LINE,
+    }
+    for key, value in step.get("env", {}).items():
+        env[key] = expand(value, {**defaults, **inputs}, secrets or {}, steps or {})
+    script = tmp_path / "step.sh"
+    script.write_text(step["run"])
+    assert step.get("shell") == "bash", "steps run with bash -eo pipefail"
+    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def docker_argv(tmp_path: Path) -> list[str]:
+    return (tmp_path / "argv").read_text().split("\0")[:-1]
+
+
+def split_docker_run(argv: list[str]) -> tuple[list[str], str, list[str]]:
+    """docker's own options, the image, and the arguments for the job."""
+    assert argv[0] == "run"
+    image_at = next(i for i, arg in enumerate(argv) if arg.startswith("ghcr.io/"))
+    return argv[1:image_at], argv[image_at], argv[image_at + 1:]
+
+
+def parse_job_args(job_args: list[str]) -> argparse.Namespace:
+    known = job_option_strings()
+    pending = PENDING_OPTIONS - known
+    unknown = {arg for arg in job_args if arg.startswith("-")} - known - pending
+    assert not unknown, f"quantize.yml passes options the job does not have: {sorted(unknown)}"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    cli.add_job_arguments(parser)
+    return parser.parse_args([arg for arg in job_args if arg not in pending])
+
+
+def test_quantize_defaults_reach_the_job(tmp_path):
+    workflow = load_workflow(QUANTIZE)
+    assert workflow["jobs"]["quantize"]["runs-on"] == ["self-hosted", "linux", "x64", "gpu"]
+    done = run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "owner/Distill-7B"},
+                    {"HF_TOKEN": FAKE_TOKEN})
+    assert done.returncode == 0, done.stderr
+    docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
+    assert image == "ghcr.io/owner/udquant:latest"
+    assert {"--rm", "--gpus", "all", "udquant-data:/data"} <= set(docker_options)
+    assert job_args == ["owner/Distill-7B", "--quant", "UD-Q5_K_XL", "--imatrix", "compute"]
+    args = parse_job_args(job_args)
+    assert (args.source, args.levels, args.imatrix) == ("owner/Distill-7B", ["UD-Q5_K_XL"], "compute")
+    assert done.stdout.splitlines()[-1] == RESULT_LINE
+
+
+def test_quantize_inputs_reach_the_job(tmp_path):
+    inputs = {"repo": "owner/Distill-7B", "levels": "UD-Q5_K_XL  UD-Q4_K_XL", "imatrix": "none",
+              "recipe": "recipes/generic/UD-Q4_K_XL.yaml", "private": True, "image-tag": "0.1.0"}
+    done = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path, inputs)
+    assert done.returncode == 0, done.stderr
+    docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
+    assert image == "ghcr.io/owner/udquant:0.1.0"
+    assert f"{ROOT}/recipes/generic/UD-Q4_K_XL.yaml:/run/udquant/recipe.yaml:ro" in docker_options
+    assert "--private" in job_args
+    args = parse_job_args(job_args)
+    assert args.levels == ["UD-Q5_K_XL", "UD-Q4_K_XL"]
+    assert (args.imatrix, str(args.recipe)) == ("none", "/run/udquant/recipe.yaml")
+    public = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path,
+                      {**inputs, "private": False, "recipe": "qwen35/UD-Q5_K_XL"})
+    assert public.returncode == 0
+    _, _, job_args = split_docker_run(docker_argv(tmp_path))
+    assert "--private" not in job_args
+    assert parse_job_args(job_args).recipe == "qwen35/UD-Q5_K_XL"
+
+
+@pytest.mark.parametrize("repo", [
+    "owner/Distill-7B", "a/b", "Org_1/name.v2-GGUF", "owner/x--y", "owner/../x", "../etc", "owner/name.git",
+    "owner", "a/b/c", "-rf/x", "owner/name; rm -rf ~", "$(id)/x", "owner/`id`", "owner/name\n--private",
+    "owner/" + "x" * 96, "owner/" + "x" * 95, "",
+])
+def test_quantize_accepts_exactly_the_repo_ids_the_job_does(tmp_path, repo):
+    done = run_step(step_named(load_workflow(QUANTIZE), "Check the inputs"), tmp_path, {"repo": repo})
+    job_accepts = bool(REPO_ID.match(repo)) and not repo.endswith(".git")
+    assert (done.returncode == 0) == job_accepts, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("inputs", "ok"), [
+    ({"levels": "UD-Q5_K_XL UD-Q4_K_XL"}, True),
+    ({"levels": "UD-Q5_K_XL --private"}, False),
+    ({"levels": "  "}, False),
+    ({"imatrix": "/data/imatrix/Distill.imatrix.gguf"}, True),
+    ({"imatrix": "/etc/passwd"}, False),
+    ({"imatrix": "/data/../etc/passwd"}, False),
+    ({"imatrix": "--help"}, False),
+    ({"imatrix": "auto"}, True),
+    ({"recipe": "recipes/generic/UD-Q5_K_XL.yaml"}, True),
+    ({"recipe": "qwen35/UD-Q5_K_XL"}, True),
+    ({"recipe": "recipes/generic/missing.yaml"}, False),
+    ({"recipe": "../outside.yaml"}, False),
+    ({"recipe": "qwen35/../../x"}, False),
+    ({"recipe": "--help"}, False),
+    ({"image-tag": "0.1.0"}, True),
+    ({"image-tag": "latest --privileged"}, False),
+])
+def test_quantize_checks_the_other_inputs(tmp_path, inputs, ok):
+    done = run_step(step_named(load_workflow(QUANTIZE), "Check the inputs"), tmp_path, {"repo": "o/n", **inputs})
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+
+
+def test_quantize_writes_the_result_to_the_summary(tmp_path):
+    workflow = load_workflow(QUANTIZE)
+    assert run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "o/n"}).returncode == 0
+    summary = step_named(workflow, "Summary")
+    assert summary.get("if") == "always()"
+    assert run_step(summary, tmp_path, {"repo": "o/n"}, steps={"job.outcome": "success"}).returncode == 0
+    assert f"Result: {RESULT_LINE}" in (tmp_path / "summary.md").read_text().splitlines()
+    (tmp_path / "summary.md").unlink()
+    assert run_step(summary, tmp_path, {"repo": "o/n"}, steps={"job.outcome": "failure"}).returncode == 0
+    assert "Result:" not in (tmp_path / "summary.md").read_text()
+
+
+def test_quantize_hands_the_token_to_the_container_by_name_only(tmp_path):
+    workflow = load_workflow(QUANTIZE)
+    done = run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "o/n"}, {"HF_TOKEN": FAKE_TOKEN})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "token").read_text() == FAKE_TOKEN
+    argv = docker_argv(tmp_path)
+    assert argv[argv.index("-e") + 1] == "HF_TOKEN"
+    assert not [arg for arg in argv if FAKE_TOKEN in arg]
+    summary = run_step(step_named(workflow, "Summary"), tmp_path, {"repo": "o/n"}, {"HF_TOKEN": FAKE_TOKEN},
+                       {"job.outcome": "success"})
+    outputs = [done.stdout, done.stderr, summary.stdout, summary.stderr, (tmp_path / "summary.md").read_text()]
+    assert not [text for text in outputs if FAKE_TOKEN in text]
+
+
+def test_quantize_never_echoes_the_token():
+    workflow = load_workflow(QUANTIZE)
+    for step in all_steps(workflow):
+        script = step.get("run", "")
+        assert not re.search(r"\bset\s+(-\w*x|-o\s+xtrace)", script), f"{step.get('name')}: tracing prints secrets"
+        for line in script.splitlines():
+            if "HF_TOKEN" in line:
+                assert not re.search(r"\b(echo|printf|cat|tee|printenv|env|declare|export)\b", line), line
+    holders = [step.get("name") for step in all_steps(workflow) if "HF_TOKEN" in step.get("env", {})]
+    assert holders == ["Run the job"], "only the step that starts the container sees the token"
+    assert "HF_TOKEN" not in workflow.get("env", {}) and "HF_TOKEN" not in workflow["jobs"]["quantize"].get("env", {})
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_no_expression_is_interpolated_into_a_script(path):
+    # Inputs and secrets reach scripts through env: only, so their text is never parsed as shell.
+    for step in all_steps(load_workflow(path)):
+        for expression in EXPRESSION.findall(step.get("run", "")):
+            assert not re.match(r"(inputs|secrets|github\.event)\b", expression), f"{step.get('name')}: {expression}"
+
+
+def test_ci_caches_the_toolchain_by_its_pin():
+    workflow = load_workflow(WORKFLOW_DIR / "ci.yml")
+    cache = next(step for step in all_steps(workflow) if step.get("uses", "").startswith("actions/cache@"))
+    assert cache["with"]["path"] == ".cache/llama.cpp"
+    assert "hashFiles('scripts/llama-cpp-pin.env', 'scripts/build-toolchain.sh')" in cache["with"]["key"]
+    assert any(step.get("run") == "make test" for step in all_steps(workflow))
