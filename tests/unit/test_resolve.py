@@ -1,24 +1,18 @@
 import json
-import struct
+import math
 from pathlib import Path
 
 import pytest
 
+from tests.fakes.hub_models import safetensors_header_only
 from udquant.errors import InputError, UnsupportedArchitectureError
 from udquant.resolve import resolve_model, validate_repo_id
 
 
 def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
-    header: dict[str, object] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        size = 2
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+    header = safetensors_header_only(shapes)
+    data_size = sum(2 * math.prod(shape) for shape in shapes.values())
+    path.write_bytes(header + b"\0" * data_size)
 
 
 def make_model(path: Path, config: dict, shapes: dict[str, list[int]] | None = None) -> Path:
