@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from udquant import __version__
+from udquant.errors import UdquantError
 from udquant.imatrix import Imatrix
 from udquant.imatrix_discovery import Candidate
 from udquant.library import data_file
@@ -120,7 +121,7 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         if imatrix.get("is_base_model_imatrix"):
             imatrix_text += " — **the base model's imatrix, not the distill's** (asked for with --allow-base-imatrix)"
     template = Template(data_file("card.md.tmpl").read_text())
-    return template.substitute(
+    text = template.substitute(
         front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
         title=f"{model.name} UD GGUF",
         source_label=model.repo_id or model.name,
@@ -130,6 +131,18 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         llama_cpp=f"{toolchain.tag} ({toolchain.commit}, {toolchain.backend})",
         run_model=f"-hf {output_repo}:{levels[0]['level']}" if output_repo else f"-m {levels[0]['file']}",
     )
+    check_card(text, front)
+    return text
+
+
+def check_card(text: str, expected: dict[str, Any]) -> None:
+    """Parse the card as the Hub will (huggingface_hub's ModelCard) and compare its metadata."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text).data.to_dict()  # type: ignore[no-untyped-call]
+    wrong = [key for key, value in expected.items() if data.get(key) != value]
+    if wrong:
+        raise UdquantError(f"the rendered model card's metadata is wrong for: {', '.join(wrong)}")
 
 
 @dataclass(frozen=True)
