@@ -66,6 +66,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, help="calibration text for --imatrix compute")
     parser.add_argument("--imatrix-chunks", type=int, default=64)
     parser.add_argument("--imatrix-context", type=int, default=512)
+    parser.add_argument("--eval", dest="evaluate", action="store_true",
+                        help="measure KL divergence vs BF16 for every level and the standard quant (card + result)")
+    parser.add_argument("--eval-chunks", type=int, default=16, help="eval text chunks (default 16, at most 32)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--disk-reserve-gb", type=float, default=1.0,
                         help="disk space to leave free after the job (default: 1)")
@@ -91,7 +94,8 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         imatrix_context=args.imatrix_context, threads=args.threads,
         disk_reserve=int(args.disk_reserve_gb * 1e9), allow_base_imatrix=args.allow_base_imatrix,
         upload=args.upload, output_repo=args.output_repo, private=args.private,
-        split_bytes=int(args.split_size_gb * 1e9), token=os.environ.get("HF_TOKEN") or None)
+        split_bytes=int(args.split_size_gb * 1e9), evaluate=args.evaluate, eval_chunks=args.eval_chunks,
+        token=os.environ.get("HF_TOKEN") or None)
 
 
 def _note(text: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from udquant.convert import convert_to_gguf
 from udquant.errors import InputError, RecipeError
+from udquant.evaluate import QuantEval, bits_per_weight, compute_logits_base, measure_quant, quantize_reference
 from udquant.fetch import check_disk_space, fetch_model
 from udquant.gguf_header import GGUFHeader, read_gguf_header
 from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, compute_imatrix, read_imatrix
@@ -57,6 +58,9 @@ class JobOptions:
     output_repo: str | None = None
     private: bool = False
     split_bytes: int = DEFAULT_SPLIT_BYTES
+    evaluate: bool = False  # measure KLD against BF16 for every level and the standard quant
+    eval_chunks: int = 16
+    eval_context: int = 512
     token: str | None = field(default=None, repr=False)
 
 
@@ -245,9 +249,13 @@ def run_job(options: JobOptions) -> JobResult:
                     verification.bits_per_weight)
         levels.append(LevelOutput(plan.recipe.level, plan.recipe, path, verification))
 
+    evals: list[QuantEval] = []
+    if options.evaluate:
+        with timings.stage("eval"):
+            evals = _evaluate_levels(options, toolchain, bf16, convert_stage.key, levels, imatrix.imatrix)
     with timings.stage("output"):
         outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages,
-                                output_repo=target.repo_id if target else None)
+                                output_repo=target.repo_id if target else None, evals=evals)
     publication = None
     if target is not None:
         assert options.token is not None
@@ -256,6 +264,37 @@ def run_job(options: JobOptions) -> JobResult:
             publication = publish(target, files, token=options.token, volatile=frozenset({outputs.result.name}),
                                   message=f"udquant: {', '.join(lv.level for lv in levels)} of {model.source}")
     return JobResult(out_dir, outputs.result, model, tuple(levels), timings.stages, publication)
+
+
+def _evaluate_levels(options: JobOptions, toolchain: Toolchain, bf16: Path, convert_key: str,
+                     levels: list[LevelOutput], imatrix: Imatrix | None) -> list[QuantEval]:
+    """KLD of every level, and of llama.cpp's standard quant of the same base type with the same
+    imatrix, against the BF16 model on the held-out eval text."""
+    eval_text = data_file("eval.txt")
+    stage = open_stage(options.work_dir, "eval-base", {
+        "bf16": convert_key, "eval_text": sha256_file(eval_text), "chunks": options.eval_chunks,
+        "context": options.eval_context, "llama_cpp": toolchain.tree_sha256})
+    base_logits = stage.done_output()
+    if base_logits is None:
+        start = time.monotonic()
+        base_logits = compute_logits_base(toolchain, bf16, eval_text, stage.path / "base.logits",
+                                          chunks=options.eval_chunks, context=options.eval_context,
+                                          log_path=stage.log())
+        stage.mark_done(base_logits, time.monotonic() - start)
+    rows = []
+    for level in levels:
+        result = measure_quant(toolchain, level.source, base_logits, log_path=stage.log(f"kld-{level.level}"))
+        rows.append(QuantEval(level.level, level.source.stat().st_size, level.verification.bits_per_weight, result,
+                              group="UD recipe"))
+    for base_type in sorted({level.recipe.base for level in levels}):
+        reference = stage.path / f"standard-{base_type}.gguf"
+        if not reference.is_file():
+            quantize_reference(toolchain, bf16, base_type, reference, imatrix=imatrix.path if imatrix else None,
+                               log_path=stage.log(f"standard-{base_type}"), threads=options.threads)
+        result = measure_quant(toolchain, reference, base_logits, log_path=stage.log(f"kld-{base_type}"))
+        rows.append(QuantEval(f"{base_type} (standard)", reference.stat().st_size, bits_per_weight(reference),
+                              result, group="standard"))
+    return rows
 
 
 def _upload_files(options: JobOptions, toolchain: Toolchain, outputs: OutputFiles) -> dict[str, Path]:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -16,6 +17,7 @@ import yaml
 
 from udquant import __version__
 from udquant.errors import UdquantError
+from udquant.evaluate import QuantEval, render_eval_table
 from udquant.imatrix import Imatrix
 from udquant.imatrix_discovery import Candidate
 from udquant.library import data_file
@@ -26,6 +28,7 @@ from udquant.verify import Verification
 from udquant.workdir import remove_stale_partials
 
 RESULT_NAME = "udquant-result.json"
+PLOT_NAME = "kld-vs-bpw.png"
 CARD_NAME = "README.md"
 
 
@@ -95,7 +98,7 @@ def _provenance_text(provenance: dict[str, Any]) -> str:
 
 
 def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[str, Any],
-                toolchain: Toolchain, output_repo: str | None = None) -> str:
+                toolchain: Toolchain, output_repo: str | None = None, eval_section: str = "") -> str:
     tags = ["gguf", "ud-quant", "quantized", "udquant"]
     if imatrix["source"] != "none":
         tags.insert(1, "imatrix")
@@ -127,7 +130,8 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         source_label=model.repo_id or model.name,
         source_link=f"https://huggingface.co/{model.repo_id}" if model.repo_id else ".",
         source_revision=f" at revision `{model.revision}`" if model.revision else "",
-        file_rows=file_rows, type_rows=type_rows, provenance=provenance, imatrix=imatrix_text,
+        file_rows=file_rows, type_rows=type_rows, eval_section=eval_section, provenance=provenance,
+        imatrix=imatrix_text,
         llama_cpp=f"{toolchain.tag} ({toolchain.commit}, {toolchain.backend})",
         run_model=f"-hf {output_repo}:{levels[0]['level']}" if output_repo else f"-m {levels[0]['file']}",
     )
@@ -151,14 +155,16 @@ class OutputFiles:
     recipes: tuple[Path, ...]
     card: Path
     result: Path
+    plot: Path | None = None
 
     def for_upload(self) -> dict[str, Path]:
-        return {p.name: p for p in (*self.recipes, self.card, self.result)}
+        extra = (self.plot,) if self.plot else ()
+        return {p.name: p for p in (*self.recipes, *extra, self.card, self.result)}
 
 
 def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], imatrix: ImatrixUse,
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
-                  output_repo: str | None = None) -> OutputFiles:
+                  output_repo: str | None = None, evals: Sequence[QuantEval] = ()) -> OutputFiles:
     """Place verified files and write card and result JSON into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
@@ -182,6 +188,11 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                        "sha256": level.recipe.digest, "provenance": level.recipe.provenance},
         })
     imatrix_record = imatrix.describe()
+    plot = None
+    if evals:
+        from udquant.plot import plot_kld_vs_bpw
+
+        plot = plot_kld_vs_bpw(evals, out_dir / PLOT_NAME, title=f"{model.name}: KL divergence vs size")
     result = {
         "udquant_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -193,9 +204,20 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         "llama_cpp": toolchain.describe(),
         "imatrix": imatrix_record,
         "levels": level_records,
+        "eval": [row.describe() for row in evals],
         "timings": timings,
     }
-    _write_text(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo))
+    _write_text(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo,
+                                                 eval_section=_eval_section(evals)))
     result_path = out_dir / RESULT_NAME
     _write_text(result_path, json.dumps(result, indent=2) + "\n")
-    return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path)
+    return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path, plot)
+
+
+def _eval_section(evals: Sequence[QuantEval]) -> str:
+    if not evals:
+        return ""
+    first = evals[0].result
+    return (f"## Quality\n\nKL divergence against the BF16 model on a held-out text ({first.chunks} chunks of "
+            f"{first.context} tokens), for each level and for llama.cpp's standard quant of the same base type "
+            f"with the same imatrix:\n\n{render_eval_table(evals)}\n\n![KLD vs bits per weight]({PLOT_NAME})\n")

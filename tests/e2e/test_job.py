@@ -173,3 +173,17 @@ def test_recipe_of_another_architecture_is_refused(llama, toolchain, tmp_path):
     assert proc.returncode == 2
     assert "recipe qwen3/UD-Q4_K_XL is for architecture qwen3, the model is llama" in proc.stderr
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("convert-*"))
+
+
+def test_eval_measures_every_level_and_the_standard_quant(llama, toolchain, tmp_path):
+    proc = run_cli(llama, "--eval", "--eval-chunks", "2", "--imatrix", "none", "--work-dir", tmp_path / "work",
+                   "--out-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    rows = json.loads((out / "udquant-result.json").read_text())["eval"]
+    assert [r["label"] for r in rows] == ["UD-Q5_K_XL", "Q5_K_M (standard)"]
+    for row in rows:
+        assert row["mean_kld"] >= 0 and 0 <= row["same_top_p"] <= 1 and row["chunks"] == 2
+    card = (out / "README.md").read_text()
+    assert "## Quality" in card and "| UD-Q5_K_XL |" in card and "kld-vs-bpw.png" in card
+    assert (out / "kld-vs-bpw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
