@@ -34,7 +34,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "space"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-TEST_TOKEN = "hf_SpaceTestToken0123456789abcdefgh"
+TEST_TOKEN = "hf_test-space-token-not-real"
 GH_TOKEN = "ghp_SpaceTestToken0123456789abcdefgh"
 REPO = "someone/Distill-8B"
 START_TIMEOUT_S = 90

@@ -29,7 +29,7 @@ from udquant.dispatch.queue import JobRegistry, QueueLimitError
 from udquant.errors import InputError
 from udquant.recipe import load_recipe_ref
 
-HF_TOKEN = "hf_DispatchSecretToken0123456789abcdef"
+HF_TOKEN = "hf_test-dispatch-secret-not-real"
 GH_TOKEN = "ghp_DispatchSecretToken0123456789abcdef"
 IMAGE = "ghcr.io/udquant/udquant-job:0.1.0"
 JOB_ARGS = ["someone/Distill-8B", "--quant", "UD-Q5_K_XL", "--quant", "UD-Q4_K_XL", "--recipe", "auto",

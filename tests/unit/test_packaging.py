@@ -31,7 +31,7 @@ QUANTIZE = WORKFLOW_DIR / "quantize.yml"
 # is checked like every other, and the entry can go.
 PENDING_OPTIONS = frozenset({"--private"})
 
-FAKE_TOKEN = "hf_FAKEtokenFORtestsONLY0123456789"
+FAKE_TOKEN = "hf_test-fake-token-not-real"
 RESULT_LINE = "https://huggingface.co/owner/Distill-UD-GGUF"
 EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 
