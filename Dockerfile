@@ -56,7 +56,7 @@ RUN python3 -m venv /opt/venv \
 COPY pyproject.toml README.md ./
 COPY job job
 COPY recipes recipes
-RUN /opt/venv/bin/pip install --no-cache-dir ".[convert]"
+RUN /opt/venv/bin/pip install --no-cache-dir ".[convert,eval]"
 
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG UDQUANT_VERSION

@@ -20,6 +20,7 @@ from rich.table import Table
 from udquant import __version__
 from udquant.dispatch.cli import add_dispatch_command
 from udquant.errors import InputError, UdquantError
+from udquant.evaluate import MAX_EVAL_CHUNKS
 from udquant.job import DEFAULT_LEVEL, JobOptions, JobResult, run_job
 
 logger = logging.getLogger("udquant")
@@ -87,6 +88,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     if args.imatrix_chunks < 1 or args.imatrix_context < 32:
         raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
+    if not 1 <= args.eval_chunks <= MAX_EVAL_CHUNKS:
+        raise InputError(f"--eval-chunks must be between 1 and {MAX_EVAL_CHUNKS}")
     return JobOptions(
         source=args.source, levels=tuple(args.levels or (DEFAULT_LEVEL,)), recipe=args.recipe,
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,

@@ -287,7 +287,9 @@ def _evaluate_levels(options: JobOptions, toolchain: Toolchain, bf16: Path, conv
         rows.append(QuantEval(level.level, level.source.stat().st_size, level.verification.bits_per_weight, result,
                               group="UD recipe"))
     for base_type in sorted({level.recipe.base for level in levels}):
-        reference = stage.path / f"standard-{base_type}.gguf"
+        # Keyed by the imatrix too: another --imatrix must not reuse a stale reference.
+        imatrix_key = sha256_file(imatrix.path)[:12] if imatrix else "none"
+        reference = stage.path / f"standard-{base_type}-{imatrix_key}.gguf"
         if not reference.is_file():
             quantize_reference(toolchain, bf16, base_type, reference, imatrix=imatrix.path if imatrix else None,
                                log_path=stage.log(f"standard-{base_type}"), threads=options.threads)

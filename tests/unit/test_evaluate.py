@@ -91,6 +91,9 @@ def test_output_without_a_comparison_is_an_error():
     with pytest.raises(EvalOutputError, match="did not start the comparison") as err:
         parse_kld_output(real_output("perplexity-kld-base-text-too-short.txt"))
     assert "you need at least 512 tokens" in str(err.value)
+    # The log of the base run is not a comparison either, though it prints a perplexity.
+    with pytest.raises(EvalOutputError, match="did not start the comparison"):
+        parse_kld_output(real_output("perplexity-kld-base.txt"))
 
 
 def test_non_finite_numbers_are_refused():
