@@ -227,12 +227,16 @@ class _Handler(BaseHTTPRequestHandler):
                               "tags": sorted(tags), "private": False})
         self._send_json(found)
 
-    def _preupload(self, repo_id: str) -> None:
+    def _writable_repo(self, repo_id: str) -> Repo | None:
+        """The repo, when it exists and the request carries a valid token; else answer the error."""
         repo = self._repo(repo_id)
-        if repo is None:
-            return
-        if self._user() is None:
+        if repo is not None and self._user() is None:
             self._error(401, "Invalid credentials")
+            return None
+        return repo
+
+    def _preupload(self, repo_id: str) -> None:
+        if self._writable_repo(repo_id) is None:
             return
         files = self._json_body().get("files", [])
         self._send_json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -241,11 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _commit(self, repo_id: str) -> None:
         import base64
 
-        repo = self._repo(repo_id)
+        repo = self._writable_repo(repo_id)
         if repo is None:
-            return
-        if self._user() is None:
-            self._error(401, "Invalid credentials")
             return
         length = int(self.headers.get("Content-Length", 0))
         lines = [json.loads(line) for line in self.rfile.read(length).decode().splitlines() if line.strip()]
