@@ -22,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from udquant import __version__
 from udquant.dispatch.base import IMATRIX_CHOICES, Backend, JobHandle, JobStatus, library_levels, make_request
-from udquant.dispatch.estimate import FlavorEstimate
+from udquant.dispatch.estimate import FlavorEstimate, Hardware
 from udquant.dispatch.github import API_URL, DEFAULT_WORKFLOW, GitHubBackend
 from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
 from udquant.dispatch.preview import Inspection, inspect_repo
@@ -183,9 +183,12 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                                              label="Levels", elem_id="levels")
             imatrix = gr.Dropdown(list(IMATRIX_CHOICES), value="auto", label="imatrix", elem_id="imatrix")
             private = gr.Checkbox(label="Private output repo", value=False, elem_id="private")
+            evaluate = gr.Checkbox(label="Measure quality (KL divergence vs BF16 in the card; adds time)",
+                                   value=False, elem_id="evaluate")
         inspection = gr.Markdown(elem_id="inspection")
         estimates = gr.Markdown(elem_id="estimates")
         inspected = gr.State("")  # the repo id the shown inspection is for
+        priced = gr.State(None)  # (Inspection, hardware) behind the shown estimates, to re-price without the Hub
 
         target = gr.Radio(targets, value=TARGET_HF_JOBS, label="Run on", elem_id="target")
         with gr.Group(visible=True) as hf_group:
@@ -225,24 +228,33 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
             except UdquantError:
                 return "⚠️ Not a Hub repo id: write it as owner/name (letters, digits, '-', '_', '.')."
 
-        def run_inspect(text: str, wanted: list[str], mode: str,
-                        oauth_token: gr.OAuthToken | None) -> tuple[str, str, Any, str]:
+        def price(found: Inspection, hardware: list[Hardware], measure: bool) -> tuple[str, Any]:
+            flavors = found.estimates(hardware, evaluate=measure)
+            choices = [(e.label(), e.hardware.name) for e in flavors]
+            first = next((e.hardware.name for e in flavors if e.fits), choices[0][1] if choices else None)
+            return describe_estimates(flavors), gr.Dropdown(choices=choices, value=first, label="HF Jobs hardware")
+
+        def run_inspect(text: str, wanted: list[str], mode: str, measure: bool,
+                        oauth_token: gr.OAuthToken | None) -> tuple[str, str, Any, str, Any]:
             token = session.token(oauth_token)
             try:
                 found = inspect_repo(text.strip(), token=token, levels=tuple(wanted or [DEFAULT_LEVEL]), imatrix=mode)
                 hardware = [describe_hardware(info) for info in list_hardware(token)]
             except UdquantError as err:
-                return problem(err), "", gr.Dropdown(choices=[], value=None), ""
-            flavors = found.estimates(hardware)
-            choices = [(e.label(), e.hardware.name) for e in flavors]
-            first = next((e.hardware.name for e in flavors if e.fits), choices[0][1] if choices else None)
-            return (describe_inspection(found), describe_estimates(flavors),
-                    gr.Dropdown(choices=choices, value=first, label="HF Jobs hardware"), found.repo_id)
+                return problem(err), "", gr.Dropdown(choices=[], value=None), "", None
+            return (describe_inspection(found), *price(found, hardware, measure), found.repo_id, (found, hardware))
+
+        def reprice(data: tuple[Inspection, list[Hardware]] | None, measure: bool) -> tuple[Any, Any]:
+            """--eval changes time and disk: the estimates shown must be those of what will run."""
+            if data is None:
+                return gr.skip(), gr.skip()
+            return price(*data, measure)
 
         def show_target(choice: str) -> tuple[Any, Any]:
             return gr.Group(visible=choice == TARGET_HF_JOBS), gr.Group(visible=choice == TARGET_GITHUB)
 
-        def start_job(text: str, wanted: list[str], mode: str, is_private: bool, choice: str, hardware: str | None,
+        def start_job(text: str, wanted: list[str], mode: str, is_private: bool, measure: bool, choice: str,
+                      hardware: str | None,
                       confirmed: bool, gh_repo: str, gh_workflow: str, gh_token: str, inspected_repo: str,
                       oauth_token: gr.OAuthToken | None) -> tuple[str, Any, Any, str, str, str]:
             idle = (gr.skip(),) * 5  # a refused submission leaves a running job's handle and polling alone
@@ -256,7 +268,8 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
             try:
                 user = session.user(token)
                 namespace = None if choice == TARGET_GITHUB else user
-                request = make_request(text.strip(), namespace, levels=wanted, imatrix=mode, private=is_private)
+                request = make_request(text.strip(), namespace, levels=wanted, imatrix=mode, private=is_private,
+                                       evaluate=measure)
                 backend = session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token)
                 handle = session.registry.submit(user, lambda h: not backend_for_handle(
                     session, h, token, gh_token).status(h).terminal, lambda: backend.start(request))
@@ -298,11 +311,12 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
         demo.load(show_identity, inputs=None, outputs=identity)
         # always_last: while one check runs, only the newest keystroke is checked next.
         repo.input(check_repo, inputs=repo, outputs=repo_check, show_progress="hidden", trigger_mode="always_last")
-        inspect_button.click(run_inspect, inputs=[repo, chosen_levels, imatrix],
-                             outputs=[inspection, estimates, flavor, inspected])
+        inspect_button.click(run_inspect, inputs=[repo, chosen_levels, imatrix, evaluate],
+                             outputs=[inspection, estimates, flavor, inspected, priced])
+        evaluate.change(reprice, inputs=[priced, evaluate], outputs=[estimates, flavor], show_progress="hidden")
         target.change(show_target, inputs=target, outputs=[hf_group, github_group])
-        submit.click(start_job, inputs=[repo, chosen_levels, imatrix, private, target, flavor, confirm, github_repo,
-                                        workflow, github_token, inspected],
+        submit.click(start_job, inputs=[repo, chosen_levels, imatrix, private, evaluate, target, flavor, confirm,
+                                        github_repo, workflow, github_token, inspected],
                      outputs=[job_info, handle_state, timer, job_status, job_logs, job_link])
         timer.tick(poll_job, inputs=[handle_state, github_token], outputs=[job_status, job_logs, job_link, timer],
                    show_progress="hidden")

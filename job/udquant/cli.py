@@ -20,8 +20,9 @@ from rich.table import Table
 from udquant import __version__
 from udquant.dispatch.cli import add_dispatch_command
 from udquant.errors import InputError, UdquantError
-from udquant.evaluate import MAX_EVAL_CHUNKS
+from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, MAX_EVAL_CHUNKS
 from udquant.job import DEFAULT_LEVEL, JobOptions, JobResult, run_job
+from udquant.measure import EvalSettings
 
 logger = logging.getLogger("udquant")
 
@@ -44,6 +45,10 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def default_work_dir() -> Path:
+    return Path(os.environ.get("UDQUANT_WORK_DIR", "udquant-out/.work"))
+
+
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Hub repo id (owner/name) or local model directory")
     parser.add_argument("--quant", dest="levels", action="append", metavar="LEVEL",
@@ -57,7 +62,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-base-imatrix", action="store_true",
                         help="let auto fall back to the base model's imatrix (labelled as such in the card)")
     parser.add_argument("--out-dir", type=Path, help="where results go (default: ./udquant-out/<name>)")
-    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("UDQUANT_WORK_DIR", "udquant-out/.work")),
+    parser.add_argument("--work-dir", type=Path, default=default_work_dir(),
                         help="intermediate files, reused on rerun (default: ./udquant-out/.work)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     mtp = parser.add_mutually_exclusive_group()
@@ -69,7 +74,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imatrix-context", type=int, default=512)
     parser.add_argument("--eval", dest="evaluate", action="store_true",
                         help="measure KL divergence vs BF16 for every level and the standard quant (card + result)")
-    parser.add_argument("--eval-chunks", type=int, default=16, help="eval text chunks (default 16, at most 32)")
+    add_eval_arguments(parser)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--disk-reserve-gb", type=float, default=1.0,
                         help="disk space to leave free after the job (default: 1)")
@@ -85,11 +90,24 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-text", type=Path, metavar="FILE",
+                        help="text to measure on (default: the bundled held-out English text)")
+    parser.add_argument("--eval-chunks", type=int, default=DEFAULT_EVAL_CHUNKS,
+                        help=f"chunks of the eval text (default {DEFAULT_EVAL_CHUNKS}, at most {MAX_EVAL_CHUNKS})")
+    parser.add_argument("--eval-context", type=int, default=DEFAULT_EVAL_CONTEXT,
+                        help=f"tokens per chunk (default {DEFAULT_EVAL_CONTEXT})")
+
+
+def eval_settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    settings = EvalSettings(args.eval_text, args.eval_chunks, args.eval_context)
+    settings.check()
+    return settings
+
+
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     if args.imatrix_chunks < 1 or args.imatrix_context < 32:
         raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
-    if not 1 <= args.eval_chunks <= MAX_EVAL_CHUNKS:
-        raise InputError(f"--eval-chunks must be between 1 and {MAX_EVAL_CHUNKS}")
     return JobOptions(
         source=args.source, levels=tuple(args.levels or (DEFAULT_LEVEL,)), recipe=args.recipe,
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
@@ -97,7 +115,8 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         imatrix_context=args.imatrix_context, threads=args.threads,
         disk_reserve=int(args.disk_reserve_gb * 1e9), allow_base_imatrix=args.allow_base_imatrix,
         upload=args.upload, output_repo=args.output_repo, private=args.private,
-        split_bytes=int(args.split_size_gb * 1e9), evaluate=args.evaluate, eval_chunks=args.eval_chunks,
+        split_bytes=int(args.split_size_gb * 1e9), evaluate=args.evaluate,
+        eval_settings=eval_settings_from_args(args) if args.evaluate else EvalSettings(),
         token=os.environ.get("HF_TOKEN") or None)
 
 
@@ -159,6 +178,45 @@ def _demo(args: argparse.Namespace) -> int:
     print_report(result)
     print(result.out_dir.resolve())
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Measure GGUF files against their BF16 model; print the card's table."""
+    import json
+
+    from udquant.evaluate import render_eval_table
+    from udquant.measure import compare_files
+    from udquant.toolchain import find_toolchain
+
+    settings = eval_settings_from_args(args)
+    rows = compare_files(find_toolchain(), args.base, args.quants, settings, args.work_dir)
+    print(render_eval_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"base": args.base.name, "eval_text": settings.describe(),
+                                         "eval": [row.describe() for row in rows]}, indent=2) + "\n")
+        _note(f"wrote {args.json}")
+    if args.plot:
+        from udquant.plot import plot_kld_vs_bpw
+
+        plot_kld_vs_bpw(rows, args.plot, title=f"KL divergence vs size, against {args.base.name}")
+        _note(f"wrote {args.plot}")
+    return 0
+
+
+def _add_eval_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    evaluate = commands.add_parser(
+        "eval", help="KL divergence of GGUF files of one model against its BF16 GGUF",
+        description="Measure any GGUF quants of one model (udquant's, Unsloth's, standard ones) against its "
+                    "BF16 GGUF with llama-perplexity, on the same text: mean/99%% KLD, same top token, PPL ratio.")
+    evaluate.add_argument("base", type=Path, help="the model's BF16 (or F16/F32) GGUF")
+    evaluate.add_argument("quants", type=Path, nargs="+", help="GGUF files to measure")
+    add_eval_arguments(evaluate)
+    evaluate.add_argument("--work-dir", type=Path, default=default_work_dir(),
+                          help="base logits and results, reused on rerun (default: ./udquant-out/.work)")
+    evaluate.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+    evaluate.add_argument("--plot", type=Path, help="also plot KLD against bits per weight (PNG) here")
+    evaluate.add_argument("-v", "--verbose", action="store_true")
+    evaluate.set_defaults(func=_eval)
 
 
 def _toolchain(args: argparse.Namespace) -> int:
@@ -294,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_demo)
     _add_recipe_commands(commands)
+    _add_eval_command(commands)
     add_dispatch_command(commands)
     toolchain = commands.add_parser("toolchain", help="show the llama.cpp build the job uses")
     toolchain.add_argument("-v", "--verbose", action="store_true")

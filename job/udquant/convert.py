@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from udquant.gguf_header import read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
+from udquant.workdir import atomic_output
 
 CONVERTER_HINTS = {
     "BPE pre-tokenizer was not recognized": (
@@ -33,15 +33,10 @@ def build_convert_args(toolchain: Toolchain, model_dir: Path, output: Path, *, n
 def convert_to_gguf(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool,
                     log_path: Path, progress: StageProgress | None = None) -> Path:
     """Write output (BF16 GGUF) from model_dir; the file appears only when complete."""
-    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
     # The converter must use the gguf-py of its own tree, not whatever gguf is installed.
     env = {"PYTHONPATH": str(toolchain.converter.parent / "gguf-py")}
-    try:
+    with atomic_output(output) as partial:
         run_tool(build_convert_args(toolchain, model_dir, partial, no_mtp=no_mtp), stage="convert",
                  log_path=log_path, env=env, progress=progress, hint_for=CONVERTER_HINTS)
         read_gguf_header(partial)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
     return output

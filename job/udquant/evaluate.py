@@ -25,6 +25,7 @@ from udquant.gguf_header import SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
+from udquant.workdir import atomic_output, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -314,21 +315,14 @@ def compute_logits_base(toolchain: Toolchain, bf16_gguf: Path, eval_text: Path, 
     if not eval_text.is_file():
         raise InputError(f"eval text not found: {eval_text}")
     facts = read_model_facts(bf16_gguf)
-    partial = output.with_name(f"{output.name}.partial-{os.getpid()}")
-    args = build_base_logits_args(toolchain, bf16_gguf, eval_text, partial, chunks=chunks, context=context)
-    try:
+    with atomic_output(output) as partial:
+        args = build_base_logits_args(toolchain, bf16_gguf, eval_text, partial, chunks=chunks, context=context)
         run_tool(args, stage=STAGE, log_path=log_path, progress=progress)
         base = _check_written_base(partial, log_path, eval_text, context)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    sidecar = {"format": SIDECAR_FORMAT, "model": bf16_gguf.name, "architecture": facts.architecture,
-               "n_vocab": base.n_vocab, "context_length": facts.context_length, "context": base.context,
-               "chunks": base.chunks, "eval_text": eval_text.name, "eval_text_sha256": _sha256(eval_text)}
-    sidecar_partial = partial.with_name(partial.name + SIDECAR_SUFFIX)
-    sidecar_partial.write_text(json.dumps(sidecar, indent=2) + "\n")
-    sidecar_partial.replace(sidecar_path(output))
-    partial.replace(output)
+        sidecar = {"format": SIDECAR_FORMAT, "model": bf16_gguf.name, "architecture": facts.architecture,
+                   "n_vocab": base.n_vocab, "context_length": facts.context_length, "context": base.context,
+                   "chunks": base.chunks, "eval_text": eval_text.name, "eval_text_sha256": _sha256(eval_text)}
+        write_text_atomic(sidecar_path(output), json.dumps(sidecar, indent=2) + "\n")
     return output
 
 
@@ -392,16 +386,11 @@ def quantize_reference(toolchain: Toolchain, source: Path, base_type: str, outpu
                        imatrix: Path | None, log_path: Path, threads: int | None = None,
                        progress: StageProgress | None = None) -> Path:
     """Write the standard quant of base_type (measured only, never published); atomically."""
-    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
-    args = build_reference_quantize_args(toolchain, source, partial, base_type, imatrix=imatrix,
-                                         threads=threads or os.cpu_count() or 1)
-    try:
+    with atomic_output(output) as partial:
+        args = build_reference_quantize_args(toolchain, source, partial, base_type, imatrix=imatrix,
+                                             threads=threads or os.cpu_count() or 1)
         run_tool(args, stage=STAGE, log_path=log_path, progress=progress)
         read_gguf_header(partial)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
     return output
 
 

@@ -12,7 +12,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 from huggingface_hub.utils import httpx as hf_httpx  # type: ignore[attr-defined]
 
 from udquant.errors import HubError, InputError
-from udquant.resolve import ModelInfo, describe_config
+from udquant.resolve import ModelInfo, config_vocab_size, describe_config
 
 # Only what the converter reads: weights, config, tokenizer and chat template files.
 MODEL_FILE_PATTERNS = [
@@ -65,7 +65,7 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
         n_params=sum(meta.parameter_count.values()),
         weights_bytes=sum(s.size or 0 for s in weights),
         weight_names=tuple(sorted(meta.weight_map)), declared_mtp_layers=declared_mtp,
-        base_models=base_model_chain(api, repo_id, info.card_data))
+        base_models=base_model_chain(api, repo_id, info.card_data), vocab_size=config_vocab_size(config))
 
 
 MAX_BASE_CHAIN = 5

@@ -3,7 +3,6 @@ and check that one fits the model before it is used."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from udquant.gguf_header import GGUFHeader, SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
+from udquant.workdir import atomic_output
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,10 @@ def compute_imatrix(toolchain: Toolchain, model: Path, settings: ImatrixSettings
     """
     workdir = output.parent
     shutil.copyfile(settings.calibration, workdir / CALIBRATION_NAME)
-    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
-    args = build_imatrix_args(toolchain, model, Path(CALIBRATION_NAME), settings, Path(partial.name))
-    try:
+    with atomic_output(output) as partial:
+        args = build_imatrix_args(toolchain, model, Path(CALIBRATION_NAME), settings, Path(partial.name))
         run_tool(args, stage="imatrix", log_path=log_path, cwd=workdir, progress=progress)
         read_imatrix(partial)  # a file that does not parse must not be marked done
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
     return output
 
 

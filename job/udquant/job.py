@@ -16,12 +16,13 @@ from typing import Any
 
 from udquant.convert import convert_to_gguf
 from udquant.errors import InputError, RecipeError
-from udquant.evaluate import QuantEval, bits_per_weight, compute_logits_base, measure_quant, quantize_reference
+from udquant.evaluate import QuantEval
 from udquant.fetch import check_disk_space, fetch_model
 from udquant.gguf_header import GGUFHeader, read_gguf_header
 from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, compute_imatrix, read_imatrix
 from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
 from udquant.library import data_file
+from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels
 from udquant.output import ImatrixUse, LevelOutput, OutputFiles, sha256_file, write_outputs
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
@@ -59,8 +60,7 @@ class JobOptions:
     private: bool = False
     split_bytes: int = DEFAULT_SPLIT_BYTES
     evaluate: bool = False  # measure KLD against BF16 for every level and the standard quant
-    eval_chunks: int = 16
-    eval_context: int = 512
+    eval_settings: EvalSettings = field(default_factory=EvalSettings)
     token: str | None = field(default=None, repr=False)
 
 
@@ -110,11 +110,17 @@ def _recipes_for(options: JobOptions, model: ModelInfo) -> list[Recipe]:
     return recipes
 
 
-def _estimate_bytes(model: ModelInfo, recipes: list[Recipe], downloads: bool) -> int:
-    """A generous estimate of what the job writes: download, BF16, one file per level."""
+def _estimate_bytes(model: ModelInfo, recipes: list[Recipe], downloads: bool,
+                    evaluation: EvalSettings | None = None) -> int:
+    """A generous estimate of what the job writes: download, BF16, one file per level, and with
+    --eval the base logits and one standard quant per base type."""
     bf16 = model.n_params * 2
-    quants = sum(model.n_params * (_catch_all_bits(r) + 1) / 8 for r in recipes)
-    return int((model.weights_bytes if downloads else 0) + bf16 + quants)
+    level_bytes = [model.n_params * (_catch_all_bits(r) + 1) / 8 for r in recipes]
+    total = (model.weights_bytes if downloads else 0) + bf16 + sum(level_bytes)
+    if evaluation is not None:
+        references = len({r.base for r in recipes}) * max(level_bytes)
+        total += eval_disk_bytes(evaluation, model.vocab_size, int(references))
+    return int(total)
 
 
 def _catch_all_bits(recipe: Recipe) -> float:
@@ -200,6 +206,8 @@ def run_job(options: JobOptions) -> JobResult:
     """Run the whole pipeline for one model and every requested level."""
     if options.imatrix not in IMATRIX_MODES and not Path(options.imatrix).is_file():
         raise InputError(f"--imatrix must be auto, none, compute or an existing file, not {options.imatrix!r}")
+    if options.evaluate:
+        options.eval_settings.check()  # before hours of work, not after
     timings = Timings()
     with timings.stage("resolve"):
         model = resolve_model(options.source, revision=options.revision, token=options.token)
@@ -214,7 +222,8 @@ def run_job(options: JobOptions) -> JobResult:
         logger.warning("config declares %d MTP layer(s) the weights lack: converting with --no-mtp",
                        model.declared_mtp_layers)
     out_dir = options.out_dir or Path("udquant-out") / model.name
-    check_disk_space(options.work_dir, _estimate_bytes(model, recipes, model.repo_id is not None),
+    check_disk_space(options.work_dir, _estimate_bytes(model, recipes, model.repo_id is not None,
+                                                       options.eval_settings if options.evaluate else None),
                      reserve=options.disk_reserve)
 
     with timings.stage("fetch"):
@@ -252,10 +261,13 @@ def run_job(options: JobOptions) -> JobResult:
     evals: list[QuantEval] = []
     if options.evaluate:
         with timings.stage("eval"):
-            evals = _evaluate_levels(options, toolchain, bf16, convert_stage.key, levels, imatrix.imatrix)
+            evals = evaluate_levels(toolchain, bf16, convert_stage.key, levels, imatrix.imatrix,
+                                    options.eval_settings, options.work_dir, threads=options.threads,
+                                    disk_reserve=options.disk_reserve)
     with timings.stage("output"):
         outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages,
-                                output_repo=target.repo_id if target else None, evals=evals)
+                                output_repo=target.repo_id if target else None, evals=evals,
+                                eval_settings=options.eval_settings if options.evaluate else None)
     publication = None
     if target is not None:
         assert options.token is not None
@@ -264,39 +276,6 @@ def run_job(options: JobOptions) -> JobResult:
             publication = publish(target, files, token=options.token, volatile=frozenset({outputs.result.name}),
                                   message=f"udquant: {', '.join(lv.level for lv in levels)} of {model.source}")
     return JobResult(out_dir, outputs.result, model, tuple(levels), timings.stages, publication)
-
-
-def _evaluate_levels(options: JobOptions, toolchain: Toolchain, bf16: Path, convert_key: str,
-                     levels: list[LevelOutput], imatrix: Imatrix | None) -> list[QuantEval]:
-    """KLD of every level, and of llama.cpp's standard quant of the same base type with the same
-    imatrix, against the BF16 model on the held-out eval text."""
-    eval_text = data_file("eval.txt")
-    stage = open_stage(options.work_dir, "eval-base", {
-        "bf16": convert_key, "eval_text": sha256_file(eval_text), "chunks": options.eval_chunks,
-        "context": options.eval_context, "llama_cpp": toolchain.tree_sha256})
-    base_logits = stage.done_output()
-    if base_logits is None:
-        start = time.monotonic()
-        base_logits = compute_logits_base(toolchain, bf16, eval_text, stage.path / "base.logits",
-                                          chunks=options.eval_chunks, context=options.eval_context,
-                                          log_path=stage.log())
-        stage.mark_done(base_logits, time.monotonic() - start)
-    rows = []
-    for level in levels:
-        result = measure_quant(toolchain, level.source, base_logits, log_path=stage.log(f"kld-{level.level}"))
-        rows.append(QuantEval(level.level, level.source.stat().st_size, level.verification.bits_per_weight, result,
-                              group="UD recipe"))
-    for base_type in sorted({level.recipe.base for level in levels}):
-        # Keyed by the imatrix too: another --imatrix must not reuse a stale reference.
-        imatrix_key = sha256_file(imatrix.path)[:12] if imatrix else "none"
-        reference = stage.path / f"standard-{base_type}-{imatrix_key}.gguf"
-        if not reference.is_file():
-            quantize_reference(toolchain, bf16, base_type, reference, imatrix=imatrix.path if imatrix else None,
-                               log_path=stage.log(f"standard-{base_type}"), threads=options.threads)
-        result = measure_quant(toolchain, reference, base_logits, log_path=stage.log(f"kld-{base_type}"))
-        rows.append(QuantEval(f"{base_type} (standard)", reference.stat().st_size, bits_per_weight(reference),
-                              result, group="standard"))
-    return rows
 
 
 def _upload_files(options: JobOptions, toolchain: Toolchain, outputs: OutputFiles) -> dict[str, Path]:

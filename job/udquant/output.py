@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,7 +25,10 @@ from udquant.recipe import Recipe
 from udquant.resolve import ModelInfo
 from udquant.toolchain import Toolchain
 from udquant.verify import Verification
-from udquant.workdir import remove_stale_partials
+from udquant.workdir import atomic_output, remove_stale_partials, write_text_atomic
+
+if TYPE_CHECKING:
+    from udquant.measure import EvalSettings
 
 RESULT_NAME = "udquant-result.json"
 PLOT_NAME = "kld-vs-bpw.png"
@@ -71,22 +74,14 @@ def _place(source: Path, dest: Path, *, link: bool) -> None:
     """Put source at dest atomically; hard-link large files of our own work dir (no second copy)."""
     if dest.exists() and dest.samefile(source):
         return  # rename() of two links to one file is a no-op that would leave the partial behind
-    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
-    partial.unlink(missing_ok=True)
-    if link:
-        try:
-            os.link(source, partial)
-        except OSError:  # another file system
+    with atomic_output(dest) as partial:
+        if link:
+            try:
+                os.link(source, partial)
+            except OSError:  # another file system
+                shutil.copyfile(source, partial)
+        else:
             shutil.copyfile(source, partial)
-    else:
-        shutil.copyfile(source, partial)
-    partial.replace(dest)
-
-
-def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def gguf_file_name(model: ModelInfo, level: str) -> str:
@@ -164,7 +159,8 @@ class OutputFiles:
 
 def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], imatrix: ImatrixUse,
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
-                  output_repo: str | None = None, evals: Sequence[QuantEval] = ()) -> OutputFiles:
+                  output_repo: str | None = None, evals: Sequence[QuantEval] = (),
+                  eval_settings: EvalSettings | None = None) -> OutputFiles:
     """Place verified files and write card and result JSON into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
@@ -205,19 +201,22 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         "imatrix": imatrix_record,
         "levels": level_records,
         "eval": [row.describe() for row in evals],
+        "eval_text": eval_settings.describe() if eval_settings is not None and evals else None,
         "timings": timings,
     }
-    _write_text(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo,
-                                                 eval_section=_eval_section(evals)))
+    write_text_atomic(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo,
+                                                 eval_section=_eval_section(evals, eval_settings)))
     result_path = out_dir / RESULT_NAME
-    _write_text(result_path, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
     return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path, plot)
 
 
-def _eval_section(evals: Sequence[QuantEval]) -> str:
+def _eval_section(evals: Sequence[QuantEval], settings: EvalSettings | None) -> str:
     if not evals:
         return ""
     first = evals[0].result
-    return (f"## Quality\n\nKL divergence against the BF16 model on a held-out text ({first.chunks} chunks of "
+    text = "udquant's bundled held-out English text" if settings is None or settings.text is None \
+        else f"`{settings.text_path.name}`"
+    return (f"## Quality\n\nKL divergence against the BF16 model on {text} ({first.chunks} chunks of "
             f"{first.context} tokens), for each level and for llama.cpp's standard quant of the same base type "
             f"with the same imatrix:\n\n{render_eval_table(evals)}\n\n![KLD vs bits per weight]({PLOT_NAME})\n")

@@ -5,7 +5,6 @@ Drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global st
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from udquant.evaluate import QuantEval
+from udquant.workdir import atomic_output
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -48,11 +48,6 @@ def plot_kld_vs_bpw(points: Sequence[QuantEval], path: Path, *, title: str = "")
     if title:
         axes.set_title(title)
     figure.tight_layout()
-    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}.png")
-    try:
+    with atomic_output(path) as partial:
         figure.savefig(partial, format="png")
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(path)
     return path

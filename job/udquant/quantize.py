@@ -12,6 +12,7 @@ from udquant.progress import StageProgress
 from udquant.recipe import NEEDS_IMATRIX, QuantPlan
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
+from udquant.workdir import atomic_output
 
 TENSOR_TYPES_NAME = "tensor-types.txt"
 IMATRIX_NAME = "imatrix.gguf"
@@ -59,14 +60,9 @@ def quantize_model(toolchain: Toolchain, source: Path, plan: QuantPlan, output: 
             except OSError:  # another file system
                 shutil.copyfile(imatrix.path, local)
         imatrix_arg = Path(IMATRIX_NAME)
-    partial = output.with_name(f"{output.stem}.partial-{os.getpid()}.gguf")
-    args = build_quantize_args(toolchain, source.resolve(), Path(partial.name), plan,
-                               tensor_types=Path(TENSOR_TYPES_NAME), imatrix=imatrix_arg,
-                               threads=threads or os.cpu_count() or 1)
-    try:
+    with atomic_output(output) as partial:
+        args = build_quantize_args(toolchain, source.resolve(), Path(partial.name), plan,
+                                   tensor_types=Path(TENSOR_TYPES_NAME), imatrix=imatrix_arg,
+                                   threads=threads or os.cpu_count() or 1)
         run_tool(args, stage="quantize", log_path=log_path, cwd=workdir, progress=progress)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
     return output

@@ -36,6 +36,7 @@ class ModelInfo:
     weight_names: tuple[str, ...]
     declared_mtp_layers: int
     base_models: tuple[str, ...] = ()  # the card's base_model chain, nearest first
+    vocab_size: int = 0  # from config.json; 0 when it does not say
 
     @property
     def mtp_weights_present(self) -> bool:
@@ -91,6 +92,13 @@ def describe_config(config: dict[str, Any], source: str) -> tuple[str, str, int]
     return hf_arch, supported[hf_arch], declared
 
 
+def config_vocab_size(config: dict[str, Any]) -> int:
+    """The vocabulary size config.json declares (multimodal configs keep it in text_config), or 0."""
+    text_config = config.get("text_config") or {}
+    value = config.get("vocab_size") or text_config.get("vocab_size") or 0
+    return int(value) if isinstance(value, int) else 0
+
+
 def resolve_local(directory: Path, source: str) -> ModelInfo:
     if not directory.is_dir():
         raise InputError(f"{source}: no such directory")
@@ -121,7 +129,8 @@ def resolve_local(directory: Path, source: str) -> ModelInfo:
         source=source, name=directory.resolve().name, repo_id=None, revision=None,
         local_dir=directory.resolve(), hf_architecture=hf_arch, llama_arch=llama_arch,
         n_params=n_params, weights_bytes=sum(p.stat().st_size for p in weights),
-        weight_names=tuple(sorted(shapes)), declared_mtp_layers=declared_mtp)
+        weight_names=tuple(sorted(shapes)), declared_mtp_layers=declared_mtp,
+        vocab_size=config_vocab_size(config))
 
 
 def resolve_model(source: str, *, revision: str | None = None, token: str | None = None) -> ModelInfo:

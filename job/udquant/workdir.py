@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +42,7 @@ class StageDir:
 
     def mark_done(self, output: Path, seconds: float, **extra: Any) -> None:
         record = {"output": output.name, "size": output.stat().st_size, "seconds": round(seconds, 3), **extra}
-        partial = self.path / f"{DONE}.partial-{os.getpid()}"
-        partial.write_text(json.dumps(record, indent=2))
-        partial.replace(self.path / DONE)
+        write_text_atomic(self.path / DONE, json.dumps(record, indent=2))
 
     def record(self) -> dict[str, Any]:
         return dict(json.loads((self.path / DONE).read_text()))
@@ -50,6 +50,33 @@ class StageDir:
 
 def input_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def partial_path(output: Path) -> Path:
+    """Where output is written before it is complete: same folder and suffix, the writer's pid in the name."""
+    return output.with_name(f"{output.stem}.partial-{os.getpid()}{output.suffix}")
+
+
+@contextmanager
+def atomic_output(output: Path) -> Iterator[Path]:
+    """Yield the partial path to write; rename it to output when the block succeeds, else delete it.
+
+    A reader never sees a half-written output under its real name, and a failed or interrupted
+    write leaves nothing behind (a killed one leaves a partial that remove_stale_partials clears).
+    """
+    partial = partial_path(output)
+    partial.unlink(missing_ok=True)
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(output)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_output(path) as partial:
+        partial.write_text(text)
 
 
 def _pid_alive(pid: int) -> bool:

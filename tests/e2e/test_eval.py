@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import run_cli
 from udquant.convert import convert_to_gguf
 from udquant.errors import InputError
 from udquant.evaluate import (
@@ -152,3 +154,64 @@ def test_eval_text_too_short_is_an_error_and_leaves_nothing(measured, toolchain,
     if isinstance(err.value, InputError) and not isinstance(err.value, EvalOutputError):
         assert "short.txt is too short for one eval chunk of 256 tokens" in str(err.value)
     assert not list(tmp_path.glob("base.kld*"))
+
+
+def test_eval_command_measures_files_and_reuses_what_it_measured(measured, tmp_path):
+    """`udquant eval BF16 QUANT...`: the card's table on stdout, numbers in JSON, and a rerun with one
+    more file runs llama-perplexity only for the new one."""
+    _, bf16, _, ud = measured
+    other = tmp_path / "other.gguf"
+    shutil.copyfile(ud, other)
+    work = tmp_path / "work"
+    common = ["--eval-chunks", "2", "--eval-context", str(CONTEXT), "--work-dir", work]
+    first = run_cli("eval", bf16, ud, *common, "--json", tmp_path / "first.json", cwd=tmp_path, program="udquant")
+    assert first.returncode == 0, first.stderr
+    assert "| Quant | Size | Bits per weight | Mean KLD |" in first.stdout and "| model |" in first.stdout
+    report = json.loads((tmp_path / "first.json").read_text())
+    assert report["eval_text"]["text"] == "eval.txt" and report["eval_text"]["bundled"] is True
+    assert report["eval_text"]["sha256"] == hashlib.sha256(data_file("eval.txt").read_bytes()).hexdigest()
+    assert [row["chunks"] for row in report["eval"]] == [2]
+    (stage,) = work.glob("eval-base-*")
+    logs = {log.name: log.stat().st_mtime_ns for log in stage.glob("*.log")}
+    assert set(logs) == {"eval-base.log", "kld-model.log"}
+
+    second = run_cli("eval", bf16, ud, other, *common, "--json", tmp_path / "second.json", cwd=tmp_path,
+                     program="udquant")
+    assert second.returncode == 0, second.stderr
+    rows = json.loads((tmp_path / "second.json").read_text())["eval"]
+    assert [row["label"] for row in rows] == ["model", "other"]
+    assert rows[0] == report["eval"][0]  # reused, not measured again
+    assert rows[1]["mean_kld"] == pytest.approx(rows[0]["mean_kld"], rel=1e-6)  # same bytes, same numbers
+    assert {log.name: log.stat().st_mtime_ns for log in stage.glob("*.log") if log.name in logs} == logs
+
+
+def test_eval_command_refuses_bad_settings(measured, tmp_path):
+    _, bf16, _, ud = measured
+    cases = {
+        ("--eval-context", "33"): "--eval-context must be an even number >= 32, not 33",
+        ("--eval-chunks", "0"): "--eval-chunks must be between 1 and 32, not 0",
+        ("--eval-chunks", "1", "--eval-context", "128"): "1 chunk(s) of 128 tokens score 63 tokens",
+        ("--eval-text", "missing.txt"): "eval text not found: missing.txt",
+    }
+    for args, message in cases.items():
+        proc = run_cli("eval", bf16, ud, *args, "--work-dir", tmp_path / "work", cwd=tmp_path, program="udquant")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr
+    proc = run_cli("eval", bf16, tmp_path / "nope.gguf", "--work-dir", tmp_path / "work", cwd=tmp_path,
+                   program="udquant")
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "nope.gguf" in proc.stderr
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("eval-base-*/*.logits"))
+
+
+def test_eval_command_on_a_custom_text(measured, tmp_path):
+    _, bf16, _, ud = measured
+    text = tmp_path / "my-domain.txt"
+    text.write_text(data_file("calibration.txt").read_text())
+    proc = run_cli("eval", bf16, ud, "--eval-text", text, "--eval-chunks", "2", "--eval-context", "128",
+                   "--work-dir", tmp_path / "work", "--json", tmp_path / "r.json", cwd=tmp_path, program="udquant")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["eval_text"] | {"sha256": ""} == {"text": "my-domain.txt", "bundled": False, "sha256": "",
+                                                  "bytes": text.stat().st_size, "chunks": 2, "context": 128}
+    assert str(tmp_path) not in (tmp_path / "r.json").read_text()
+    assert [(row["chunks"], row["context"]) for row in report["eval"]] == [(2, 128)]

@@ -180,10 +180,14 @@ def test_eval_measures_every_level_and_the_standard_quant(llama, toolchain, tmp_
                    "--out-dir", tmp_path / "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
-    rows = json.loads((out / "udquant-result.json").read_text())["eval"]
+    result = json.loads((out / "udquant-result.json").read_text())
+    rows = result["eval"]
     assert [r["label"] for r in rows] == ["UD-Q5_K_XL", "Q5_K_M (standard)"]
+    assert result["eval_text"] | {"sha256": "", "bytes": 0} == {"text": "eval.txt", "bundled": True, "sha256": "",
+                                                                "bytes": 0, "chunks": 2, "context": 512}
     for row in rows:
         assert row["mean_kld"] >= 0 and 0 <= row["same_top_p"] <= 1 and row["chunks"] == 2
     card = (out / "README.md").read_text()
     assert "## Quality" in card and "| UD-Q5_K_XL |" in card and "kld-vs-bpw.png" in card
+    assert "bundled held-out English text" in card
     assert (out / "kld-vs-bpw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -160,11 +160,36 @@ def _choose_flavor(page: Any, name: str) -> None:
     expect(page.locator("#flavor").get_by_role("combobox")).to_have_value(expected)
 
 
+def _minutes(estimates: str, flavor: str) -> int:
+    match = re.search(rf"{flavor}\s.*?(\d+) min", estimates)
+    assert match, estimates
+    return int(match.group(1))
+
+
+def _wait_for_minutes(page: Any, flavor: str, wanted: Callable[[int], bool]) -> int:
+    """The flavor's estimated minutes once they satisfy wanted (the table is re-rendered, not patched)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = page.locator("#estimates").inner_text()
+        if flavor in text and wanted(minutes := _minutes(text, flavor)):
+            return minutes
+        assert time.monotonic() < deadline, text
+        page.wait_for_timeout(200)
+
+
 def test_inspect_submit_watch_and_link(space: dict[str, Any], page: Any) -> None:
     from playwright.sync_api import expect
 
     jobs: HubJobs = space["jobs"]
     _fill_and_inspect(page, space["url"])
+    # Measuring quality re-prices the shown estimates (without asking the Hub again), and unticking restores them.
+    estimates = page.locator("#estimates")
+    plain = estimates.inner_text()
+    page.locator("#evaluate").get_by_role("checkbox").check()
+    before = _minutes(plain, "l40sx1")
+    assert _wait_for_minutes(page, "l40sx1", lambda minutes: minutes != before) > before
+    page.locator("#evaluate").get_by_role("checkbox").uncheck()
+    _wait_for_minutes(page, "l40sx1", lambda minutes: minutes == before)
     page.locator("#target").get_by_label("HF Jobs").check()
     _choose_flavor(page, "l40sx1")
     page.locator("#submit").click()
@@ -222,13 +247,14 @@ def test_dispatch_to_a_self_hosted_github_runner(space: dict[str, Any], page: An
     expect(page.locator("#flavor")).to_be_hidden()
     page.locator("#github-repo").get_by_role("textbox").fill("me/udquant-runner")
     page.locator("#github-token").locator("input").fill(GH_TOKEN)
+    page.locator("#evaluate").get_by_role("checkbox").check()
     _shot(page, "08-github-target")
     page.locator("#submit").click()
     expect(page.locator("#job-info")).to_contain_text("Started github job", timeout=60_000)
     expect(page.locator("#job-status")).to_contain_text("in_progress", timeout=30_000)
     (run,) = github.state.runs.values()
     assert run.inputs == {"repo": REPO, "levels": "UD-Q5_K_XL UD-Q4_K_XL", "recipe": "auto", "imatrix": "auto",
-                          "private": "false", "image-tag": "0.1.0"}
+                          "private": "false", "eval": "true", "image-tag": "0.1.0"}
     assert space["jobs"].created == []  # nothing went to HF Jobs
     github.state.finish(run.id, "success", ["INFO verify: every tensor has the recipe's type",
                                             "https://huggingface.co/me/Distill-8B-UD-GGUF", "Post job cleanup."])

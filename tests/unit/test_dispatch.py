@@ -20,7 +20,7 @@ from tests.hubserver import HubServer
 from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, link_from_logs, make_request, redact
 from udquant.dispatch.cli import add_dispatch_command
 from udquant.dispatch.docker_backend import DockerBackend, engine_available
-from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, output_bytes
+from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, eval_cost, output_bytes
 from udquant.dispatch.github import GitHubBackend
 from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
 from udquant.dispatch.job_command import build_job_args, build_workflow_inputs, default_image, image_tag
@@ -88,7 +88,10 @@ def test_job_args_parse_with_the_jobs_own_parser(request_two_levels: DispatchReq
     args = parser.parse_args(build_job_args(request_two_levels)[1:])
     assert (args.source, args.levels, args.recipe, args.imatrix) == (
         "someone/Distill-8B", ["UD-Q5_K_XL", "UD-Q4_K_XL"], "auto", "auto")
-    assert (args.upload, args.output_repo, args.private) == (True, "alice/Distill-8B-UD-GGUF", True)
+    assert (args.upload, args.output_repo, args.private, args.evaluate) == (True, "alice/Distill-8B-UD-GGUF", True,
+                                                                             False)
+    measured = make_request("someone/Distill-8B", "alice", evaluate=True)
+    assert build_job_args(measured)[-1] == "--eval" and parser.parse_args(build_job_args(measured)[1:]).evaluate
 
 
 def test_image_tag() -> None:
@@ -100,7 +103,9 @@ def test_image_tag() -> None:
 def test_workflow_inputs(request_two_levels: DispatchRequest) -> None:
     assert build_workflow_inputs(request_two_levels) == {
         "repo": "someone/Distill-8B", "levels": "UD-Q5_K_XL UD-Q4_K_XL", "recipe": "auto", "imatrix": "auto",
-        "private": "true", "image-tag": "0.1.0"}
+        "private": "true", "eval": "false", "image-tag": "0.1.0"}
+    measured = make_request("someone/Distill-8B", None, evaluate=True)
+    assert build_workflow_inputs(measured)["eval"] == "true"
 
 
 @pytest.mark.parametrize("changes", [
@@ -286,7 +291,7 @@ def test_github_dispatches_quantize_workflow_and_finds_its_run(github: FakeGitHu
         ("POST", "/repos/me/udquant-runner/actions/workflows/quantize.yml/dispatches")]
     _, _, headers, body = dispatches[0]
     assert body == {"ref": "main", "inputs": {"repo": "someone/Distill-8B", "levels": "UD-Q5_K_XL UD-Q4_K_XL",
-                                              "recipe": "auto", "imatrix": "auto", "private": "false",
+                                              "recipe": "auto", "imatrix": "auto", "private": "false", "eval": "false",
                                               "image-tag": "0.1.0"}}
     assert headers["Authorization"] == f"Bearer {GH_TOKEN}"
     assert headers["X-GitHub-Api-Version"] == "2022-11-28"
@@ -399,3 +404,17 @@ def test_cli_dispatch_github(github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
     (run,) = github.state.runs.values()
     assert out.strip() == str(run.id)
     assert run.inputs["private"] == "true"
+
+
+def test_eval_adds_time_and_disk_to_the_estimate() -> None:
+    roomy = Hardware("x", "X", 8, 64e9, 500e9, "L40S", 1, 48e9, 0.03)
+    level_bytes = [5_500_000_000]
+    (plain,) = estimate_flavors([roomy], 8_000_000_000, level_bytes)
+    cost = eval_cost(8_000_000_000, level_bytes, vocab_size=151_936)
+    (measured,) = estimate_flavors([roomy], 8_000_000_000, level_bytes, cost)
+    # 16 chunks x 255 scored tokens x 151,936 log-probabilities x 2 bytes, plus the standard quant
+    assert cost.disk_bytes == pytest.approx(16 * 255 * 151_940 * 2 + 5_500_000_000, rel=1e-3)
+    assert measured.minutes > plain.minutes and measured.cost_usd > plain.cost_usd
+    squeezed = Hardware("y", "Y", 8, 64e9, 2 * 16e9 + 5.5e9 + 1e9, "L40S", 1, 48e9, 0.03)
+    assert estimate_flavors([squeezed], 8_000_000_000, level_bytes)[0].fits
+    assert not estimate_flavors([squeezed], 8_000_000_000, level_bytes, cost)[0].fits

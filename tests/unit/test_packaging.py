@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from udquant import cli, toolchain
+from udquant.dispatch.base import make_request
+from udquant.dispatch.job_command import build_job_args, build_workflow_inputs
 from udquant.resolve import REPO_ID
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +27,6 @@ DOCKERFILE = ROOT / "Dockerfile"
 WORKFLOW_DIR = ROOT / ".github" / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.yml"))
 QUANTIZE = WORKFLOW_DIR / "quantize.yml"
-
-# Options the quantize workflow may pass before the job's parser has them: --private arrives with
-# the Hub upload (issue 4). Only an option the parser still lacks is skipped; once it exists it
-# is checked like every other, and the entry can go.
-PENDING_OPTIONS = frozenset({"--private"})
 
 FAKE_TOKEN = "hf_test-fake-token-not-real"
 RESULT_LINE = "https://huggingface.co/owner/Distill-UD-GGUF"
@@ -255,13 +252,11 @@ def split_docker_run(argv: list[str]) -> tuple[list[str], str, list[str]]:
 
 
 def parse_job_args(job_args: list[str]) -> argparse.Namespace:
-    known = job_option_strings()
-    pending = PENDING_OPTIONS - known
-    unknown = {arg for arg in job_args if arg.startswith("-")} - known - pending
+    unknown = {arg for arg in job_args if arg.startswith("-")} - job_option_strings()
     assert not unknown, f"quantize.yml passes options the job does not have: {sorted(unknown)}"
     parser = argparse.ArgumentParser(exit_on_error=False)
     cli.add_job_arguments(parser)
-    return parser.parse_args([arg for arg in job_args if arg not in pending])
+    return parser.parse_args(job_args)
 
 
 def test_quantize_defaults_reach_the_job(tmp_path):
@@ -281,7 +276,7 @@ def test_quantize_defaults_reach_the_job(tmp_path):
 
 def test_quantize_inputs_reach_the_job(tmp_path):
     inputs = {"repo": "owner/Distill-7B", "levels": "UD-Q5_K_XL  UD-Q4_K_XL", "imatrix": "none",
-              "recipe": "recipes/generic/UD-Q4_K_XL.yaml", "private": True, "image-tag": "0.1.0"}
+              "recipe": "recipes/generic/UD-Q4_K_XL.yaml", "private": True, "eval": True, "image-tag": "0.1.0"}
     done = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path, inputs)
     assert done.returncode == 0, done.stderr
     docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
@@ -291,12 +286,14 @@ def test_quantize_inputs_reach_the_job(tmp_path):
     args = parse_job_args(job_args)
     assert args.levels == ["UD-Q5_K_XL", "UD-Q4_K_XL"]
     assert (args.imatrix, str(args.recipe)) == ("none", "/run/udquant/recipe.yaml")
+    assert (args.private, args.evaluate) == (True, True)
     public = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path,
-                      {**inputs, "private": False, "recipe": "qwen35/UD-Q5_K_XL"})
+                      {**inputs, "private": False, "eval": False, "recipe": "qwen35/UD-Q5_K_XL"})
     assert public.returncode == 0
     _, _, job_args = split_docker_run(docker_argv(tmp_path))
-    assert "--private" not in job_args
-    assert parse_job_args(job_args).recipe == "qwen35/UD-Q5_K_XL"
+    assert "--private" not in job_args and "--eval" not in job_args
+    args = parse_job_args(job_args)
+    assert (args.recipe, args.private, args.evaluate) == ("qwen35/UD-Q5_K_XL", False, False)
 
 
 @pytest.mark.parametrize("repo", [
@@ -386,3 +383,22 @@ def test_ci_caches_the_toolchain_by_its_pin():
     assert cache["with"]["path"] == ".cache/llama.cpp"
     assert "hashFiles('scripts/llama-cpp-pin.env', 'scripts/build-toolchain.sh')" in cache["with"]["key"]
     assert any(step.get("run") == "make test" for step in all_steps(workflow))
+
+
+def test_dispatched_inputs_are_declared_and_mean_the_same_to_the_job(tmp_path):
+    """`udquant dispatch --backend github` and the workflow agree: every input it sends is declared
+    (GitHub refuses others) and the job receives what the other backends would pass."""
+    request = make_request("owner/Distill-7B", None, levels=["UD-Q5_K_XL", "UD-Q4_K_XL"], imatrix="none",
+                           private=True, evaluate=True)
+    inputs = build_workflow_inputs(request)
+    declared = workflow_triggers(load_workflow(QUANTIZE))["workflow_dispatch"]["inputs"]
+    assert set(inputs) <= set(declared)
+    typed = {key: value == "true" if declared[key].get("type") == "boolean" else value
+             for key, value in inputs.items()}
+    done = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path, typed)
+    assert done.returncode == 0, done.stderr
+    _, image, job_args = split_docker_run(docker_argv(tmp_path))
+    assert image.endswith(f":{inputs['image-tag']}")
+    received, direct = parse_job_args(job_args), parse_job_args(build_job_args(request)[1:])
+    for option in ("source", "levels", "recipe", "imatrix", "private", "evaluate"):
+        assert getattr(received, option) == getattr(direct, option), option

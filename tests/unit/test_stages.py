@@ -15,7 +15,7 @@ from udquant.quantize import build_quantize_args
 from udquant.recipe import find_recipe, plan_quantization
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain, load_toolchain
-from udquant.workdir import open_stage
+from udquant.workdir import atomic_output, open_stage, remove_stale_partials
 
 TOOLCHAIN = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
 
@@ -75,6 +75,32 @@ def test_stale_partials_of_dead_writers_are_removed(tmp_path):
     alive.write_bytes(b"x")
     open_stage(tmp_path, "quantize", {"a": 1})
     assert not dead.exists() and alive.exists()
+
+
+def test_atomic_output_appears_only_when_complete(tmp_path):
+    output = tmp_path / "model.gguf"
+    output.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_output(output) as partial:
+        partial.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert output.read_bytes() == b"old" and list(tmp_path.iterdir()) == [output]
+    with atomic_output(output) as partial:
+        assert partial.parent == tmp_path and partial.suffix == ".gguf" and f"{os.getpid()}" in partial.name
+        partial.write_bytes(b"new")
+        assert output.read_bytes() == b"old"
+    assert output.read_bytes() == b"new" and list(tmp_path.iterdir()) == [output]
+
+
+def test_partial_names_are_recognised_as_stale(tmp_path):
+    """A killed writer's partial has the name remove_stale_partials parses (pid after '.partial-')."""
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "card.md") as partial:
+        partial.write_text("x")
+        kept = partial.with_name(partial.name.replace(str(os.getpid()), "999999999"))
+        partial.rename(kept)
+        raise RuntimeError
+    assert kept.exists()
+    remove_stale_partials(tmp_path)
+    assert not kept.exists()
 
 
 def test_disk_space(tmp_path):

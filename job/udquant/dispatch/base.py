@@ -89,6 +89,7 @@ class DispatchRequest:
     recipe: str = "auto"
     imatrix: str = "auto"
     private: bool = False
+    evaluate: bool = False  # the job's --eval: KLD vs BF16 of every level in the card
     image: str = field(default_factory=default_image)
 
     def __post_init__(self) -> None:
@@ -105,14 +106,14 @@ class DispatchRequest:
 
 def make_request(repo_id: str, namespace: str | None, *, levels: Iterable[str] = ("UD-Q5_K_XL",), recipe: str = "auto",
                  imatrix: str = "auto", private: bool = False, output_repo: str | None = None,
-                 image: str | None = None) -> DispatchRequest:
+                 image: str | None = None, evaluate: bool = False) -> DispatchRequest:
     """A request whose output repo defaults to <namespace>/<Name>-UD-GGUF when the namespace is known."""
     validate_repo_id(repo_id)
     if output_repo is None and namespace is not None:
         output_repo = output_repo_for(repo_id, namespace)
     return DispatchRequest(repo_id=repo_id, output_repo=output_repo,
                            levels=tuple(levels), recipe=recipe, imatrix=imatrix, private=private,
-                           image=image or default_image())
+                           evaluate=evaluate, image=image or default_image())
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def request_from_args(args: argparse.Namespace) -> DispatchRequest:
         raise InputError("--output-repo is not available with --backend github: the workflow uploads to the "
                          "runner token's <namespace>/<Name>-UD-GGUF")
     return make_request(args.repo, namespace, levels=args.levels or (DEFAULT_LEVEL,), recipe=args.recipe,
-                        imatrix=args.imatrix, private=args.private, output_repo=args.output_repo, image=args.image)
+                        imatrix=args.imatrix, private=args.private, output_repo=args.output_repo, image=args.image,
+                        evaluate=args.evaluate)
 
 
 def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
@@ -125,6 +126,8 @@ def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--imatrix", default="auto", choices=IMATRIX_CHOICES,
                         help="auto: the distill's own published imatrix, else computed on the GPU (default)")
     parser.add_argument("--private", action="store_true", help="make the output repo private")
+    parser.add_argument("--eval", dest="evaluate", action="store_true",
+                        help="the job measures KL divergence vs BF16 of every level (card table; adds time)")
     parser.add_argument("--output-repo", help="where to upload (default: <your namespace>/<Name>-UD-GGUF)")
     parser.add_argument("--image", default=default_image(), help="job image (default: this release's)")
     parser.add_argument("--flavor", default="a10g-large", help="hf-jobs hardware flavor (default: a10g-large)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
 
+from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, base_logits_bytes
 from udquant.gguf_header import parse_ggml_type
 from udquant.recipe import Recipe
 
@@ -20,6 +21,7 @@ DOWNLOAD_BPS = 200e6
 CONVERT_BPS = 150e6
 UPLOAD_BPS = 100e6
 QUANTIZE_PARAMS_PER_CPU_S = 15e6
+LOAD_BPS = 1e9  # a GGUF read from local disk by llama-perplexity (--eval loads each model once)
 IMATRIX_TOKENS = 64 * 512  # the job's default --imatrix-chunks x --imatrix-context
 GPU_UTILIZATION = 0.35
 CPU_OFFLOAD_SLOWDOWN = 8.0
@@ -74,7 +76,24 @@ def output_bytes(n_params: int, bits: float) -> int:
     return int(n_params * bits / 8)
 
 
-def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int]) -> FlavorEstimate:
+@dataclass(frozen=True)
+class EvalCost:
+    """What the job's --eval adds: base logits from BF16, a standard quant per level, a KLD run per file."""
+
+    seconds_cpu_bound: float  # llama-quantize of the standard quants, divided by the CPU count later
+    seconds_io_bound: float
+    disk_bytes: int
+
+
+def eval_cost(n_params: int, level_bytes: list[int], vocab_size: int) -> EvalCost:
+    logits = base_logits_bytes(vocab_size, DEFAULT_EVAL_CONTEXT, DEFAULT_EVAL_CHUNKS) if vocab_size else 0
+    io_s = (2.0 * n_params + 2 * sum(level_bytes) + logits * (1 + 2 * len(level_bytes))) / LOAD_BPS
+    cpu_s = len(level_bytes) * n_params / QUANTIZE_PARAMS_PER_CPU_S
+    return EvalCost(cpu_s, io_s, logits + sum(level_bytes))
+
+
+def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int],
+                    evaluation: EvalCost | None = None) -> FlavorEstimate:
     bf16 = 2.0 * n_params
     tflops = GPU_TFLOPS.get((hardware.gpu_model or "").upper(), DEFAULT_TFLOPS) * max(hardware.gpu_count, 1)
     imatrix_s = 2.0 * n_params * IMATRIX_TOKENS / (tflops * 1e12 * GPU_UTILIZATION)
@@ -86,6 +105,9 @@ def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int]) -
     seconds = (OVERHEAD_S + bf16 / DOWNLOAD_BPS + bf16 / CONVERT_BPS + imatrix_s
                + len(level_bytes) * n_params / (QUANTIZE_PARAMS_PER_CPU_S * cpus) + sum(level_bytes) / UPLOAD_BPS)
     disk_needed = 2 * bf16 + sum(level_bytes)
+    if evaluation is not None:
+        seconds += evaluation.seconds_cpu_bound / cpus + evaluation.seconds_io_bound
+        disk_needed += evaluation.disk_bytes
     fits = hardware.disk_bytes == 0 or hardware.disk_bytes >= disk_needed
     if not fits:
         notes.append(f"needs ~{disk_needed / 1e9:.0f} GB disk")
@@ -93,7 +115,8 @@ def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int]) -
     return FlavorEstimate(hardware, minutes, minutes * hardware.cost_usd_per_minute, fits, "; ".join(notes))
 
 
-def estimate_flavors(hardware: list[Hardware], n_params: int, level_bytes: list[int]) -> list[FlavorEstimate]:
+def estimate_flavors(hardware: list[Hardware], n_params: int, level_bytes: list[int],
+                     evaluation: EvalCost | None = None) -> list[FlavorEstimate]:
     """GPU flavors only: those that fit first, then those that hold the model in VRAM, each cheapest first."""
-    estimates = [estimate_flavor(h, n_params, level_bytes) for h in hardware if h.gpu_model]
+    estimates = [estimate_flavor(h, n_params, level_bytes, evaluation) for h in hardware if h.gpu_model]
     return sorted(estimates, key=lambda e: (not e.fits, bool(e.note), e.cost_usd))

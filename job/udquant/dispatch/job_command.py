@@ -16,7 +16,8 @@ __all__ = ["JOB_PROGRAM", "build_job_args", "build_workflow_inputs", "default_im
 
 
 def build_job_args(request: DispatchRequest) -> list[str]:
-    """argv of the job: udquant-job REPO --quant L ... --recipe R --imatrix I --upload [--output-repo O] [--private]."""
+    """argv of the job: udquant-job REPO --quant L ... --recipe R --imatrix I --upload [--output-repo O] [--private]
+    [--eval]."""
     args = [JOB_PROGRAM, request.repo_id]
     for level in request.levels:
         args += ["--quant", level]
@@ -25,6 +26,8 @@ def build_job_args(request: DispatchRequest) -> list[str]:
         args += ["--output-repo", request.output_repo]
     if request.private:
         args.append("--private")
+    if request.evaluate:
+        args.append("--eval")
     return args
 
 
@@ -46,5 +49,6 @@ def build_workflow_inputs(request: DispatchRequest) -> dict[str, str]:
         "recipe": request.recipe,
         "imatrix": request.imatrix,
         "private": "true" if request.private else "false",
+        "eval": "true" if request.evaluate else "false",
         "image-tag": image_tag(request.image),
     }

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from udquant.dispatch.estimate import FlavorEstimate, Hardware, bits_per_weight, estimate_flavors, output_bytes
+from udquant.dispatch.estimate import (
+    FlavorEstimate,
+    Hardware,
+    bits_per_weight,
+    estimate_flavors,
+    eval_cost,
+    output_bytes,
+)
 from udquant.hub import hub_error, resolve_hub_model
 from udquant.recipe import find_recipe, load_recipe_ref
 from udquant.resolve import validate_repo_id
@@ -40,9 +47,12 @@ class Inspection:
     imatrix_source: str
     levels: tuple[LevelPlan, ...]
     drops_mtp: bool
+    vocab_size: int = 0
 
-    def estimates(self, hardware: list[Hardware]) -> list[FlavorEstimate]:
-        return estimate_flavors(hardware, self.n_params, [level.output_bytes for level in self.levels])
+    def estimates(self, hardware: list[Hardware], *, evaluate: bool = False) -> list[FlavorEstimate]:
+        level_bytes = [level.output_bytes for level in self.levels]
+        evaluation = eval_cost(self.n_params, level_bytes, self.vocab_size) if evaluate else None
+        return estimate_flavors(hardware, self.n_params, level_bytes, evaluation)
 
 
 def base_models_of(repo_id: str, revision: str | None, token: str | None) -> tuple[str, ...]:
@@ -75,4 +85,5 @@ def inspect_repo(repo_id: str, *, token: str | None, levels: tuple[str, ...], im
         llama_arch=model.llama_arch, n_params=model.n_params, weights_bytes=model.weights_bytes,
         base_models=base_models_of(repo_id, model.revision, token),
         imatrix_source=IMATRIX_SOURCES.get(imatrix, imatrix),
-        levels=plan_levels(levels, model.llama_arch, model.n_params, recipe), drops_mtp=model.needs_no_mtp)
+        levels=plan_levels(levels, model.llama_arch, model.n_params, recipe), drops_mtp=model.needs_no_mtp,
+        vocab_size=model.vocab_size)
