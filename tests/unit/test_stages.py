@@ -55,6 +55,37 @@ def test_tool_failure_carries_the_tail(tmp_path):
     assert "line 0" in (tmp_path / "x.log").read_text()
 
 
+class RecordedProgress:
+    def __init__(self):
+        self.steps, self.lines = [], []
+
+    def step(self, done, total):
+        self.steps.append((done, total))
+
+    def line(self, text):
+        self.lines.append(text)
+
+
+def test_tool_output_is_followed_from_its_log_file(tmp_path):
+    """The tool writes the log itself; progress and the tail come from following the file, each of
+    tqdm's carriage-return redraws is a step, and a last line without newline is kept."""
+    script = ("import sys, time\n"
+              "for i in range(1, 4):\n"
+              "    print(f'[ {i}/ 3] blk.{i}.attn_k.weight', flush=True); time.sleep(0.15)\n"
+              "sys.stdout.write('Writing: 10%|\\rWriting: 100%|\\n'); sys.stdout.flush()\n"
+              "sys.stderr.write('done without newline')\n")
+    progress = RecordedProgress()
+    log = tmp_path / "tool.log"
+    run_tool([sys.executable, "-c", script], stage="quantize", log_path=log, progress=progress)  # type: ignore[arg-type]
+    assert progress.steps == [(1, 3), (2, 3), (3, 3), (10, 100), (100, 100)]
+    assert progress.lines[-1] == "Writing: 100%|"
+    text = log.read_text()
+    assert text.startswith(f"$ {sys.executable} -c ") and text.endswith("done without newline")
+    with pytest.raises(ToolError) as err:
+        run_tool([sys.executable, "-c", script + "sys.exit(1)\n"], stage="quantize", log_path=log)
+    assert str(err.value).rstrip().endswith("done without newline")
+
+
 def test_stage_dirs_are_keyed_and_reused(tmp_path):
     first = open_stage(tmp_path, "convert", {"a": 1})
     assert open_stage(tmp_path, "convert", {"a": 2}).path != first.path
