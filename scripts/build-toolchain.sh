@@ -38,9 +38,15 @@ while [ $# -gt 0 ]; do
 done
 case "$from" in pypi|git) ;; *) die "--from must be pypi or git, not '$from'" ;; esac
 
+# CUDA builds link ggml and llama as shared libraries next to the tools: the kernels (about 70 MB
+# per GPU architecture) are then in one libggml-cuda.so instead of in each of the four tools.
+shared_libs=OFF
+if [ "$cuda" = 1 ]; then
+  shared_libs=ON
+fi
 cmake_flags=(
   -DCMAKE_BUILD_TYPE=Release
-  -DBUILD_SHARED_LIBS=OFF
+  -DBUILD_SHARED_LIBS="$shared_libs"
   -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_EXAMPLES=OFF
   -DLLAMA_BUILD_SERVER=OFF
@@ -50,7 +56,9 @@ cmake_flags=(
 if [ "$cuda" = 1 ]; then
   backend=cuda
   # A portable image: no host-specific CPU flags, explicit GPU architectures.
-  cmake_flags+=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch")
+  # $ORIGIN: the tools find the libraries beside them wherever the folder is copied.
+  cmake_flags+=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
+                -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON)
 else
   backend=cpu
 fi
@@ -120,6 +128,8 @@ mkdir -p "$staging/bin" "$staging/src"
 for tool in llama-quantize llama-imatrix llama-perplexity llama-gguf-split; do
   cp "$work/build/bin/$tool" "$staging/bin/"
 done
+# The shared libraries of a CUDA build (none in a static one), links kept as links.
+find "$work/build/bin" -maxdepth 1 -name 'lib*.so*' -exec cp -P {} "$staging/bin/" \;
 # The converter travels with the binaries so both always come from one tree.
 cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$staging/src/"
 

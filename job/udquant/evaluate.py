@@ -24,7 +24,7 @@ from udquant.errors import InputError, ToolError
 from udquant.gguf_header import SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
-from udquant.toolchain import Toolchain
+from udquant.toolchain import Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -319,6 +319,7 @@ def compute_logits_base(toolchain: Toolchain, bf16_gguf: Path, eval_text: Path, 
     with atomic_output(output) as partial:
         args = build_base_logits_args(toolchain, bf16_gguf, eval_text, partial, chunks=chunks, context=context)
         run_tool(args, stage=STAGE, log_path=log_path, progress=progress)
+        warn_if_gpu_unused(toolchain, log_path, "llama-perplexity")
         base = _check_written_base(partial, log_path, eval_text, context)
         sidecar = {"format": SIDECAR_FORMAT, "model": bf16_gguf.name, "architecture": facts.architecture,
                    "n_vocab": base.n_vocab, "context_length": facts.context_length, "context": base.context,

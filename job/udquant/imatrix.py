@@ -12,7 +12,7 @@ from udquant.errors import ImatrixMismatchError, InputError
 from udquant.gguf_header import GGUFHeader, SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
-from udquant.toolchain import Toolchain
+from udquant.toolchain import Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output
 
 
@@ -58,6 +58,7 @@ def compute_imatrix(toolchain: Toolchain, model: Path, settings: ImatrixSettings
     with atomic_output(output) as partial:
         args = build_imatrix_args(toolchain, model, Path(CALIBRATION_NAME), settings, Path(partial.name))
         run_tool(args, stage="imatrix", log_path=log_path, cwd=workdir, progress=progress)
+        warn_if_gpu_unused(toolchain, log_path, "llama-imatrix")
         read_imatrix(partial)  # a file that does not parse must not be marked done
     return output
 

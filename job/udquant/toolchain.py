@@ -7,13 +7,20 @@ then the build cache ($UDQUANT_CACHE_DIR, the repository's .cache/, ~/.cache/udq
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from udquant.errors import ToolchainError
 
+logger = logging.getLogger(__name__)
+
 PINNED_TAG = "b11434"
+# ggml's message when a CUDA build finds no usable GPU, e.g. "ggml_cuda_init: failed to initialize CUDA:
+# no CUDA-capable device is detected"; the tool then runs on the CPU and still succeeds.
+_CUDA_FAILED = re.compile(r"failed to initialize CUDA: ?(.*)")
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
 BUILD_HINT = "build it with: scripts/build-toolchain.sh (or set UDQUANT_LLAMA_CPP to its output)"
 
@@ -41,6 +48,18 @@ class Toolchain:
     def describe(self) -> dict[str, str]:
         return {"tag": self.tag, "commit": self.commit, "backend": self.backend,
                 "source": self.source, "tree_sha256": self.tree_sha256}
+
+
+def warn_if_gpu_unused(toolchain: Toolchain, log_path: Path, what: str) -> bool:
+    """Say so when a CUDA build ran on the CPU: hours instead of minutes, usually a missing --gpus."""
+    if not toolchain.has_gpu or not log_path.is_file():
+        return False
+    match = _CUDA_FAILED.search(log_path.read_text(errors="replace"))
+    if match is None:
+        return False
+    logger.warning("%s ran on the CPU: this is a CUDA build, but CUDA did not start (%s); in Docker, run "
+                   "with --gpus all", what, match.group(1).strip() or "no reason given")
+    return True
 
 
 def _cache_roots() -> list[Path]:

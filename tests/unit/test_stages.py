@@ -14,7 +14,7 @@ from udquant.imatrix import ImatrixSettings, build_imatrix_args
 from udquant.quantize import build_quantize_args
 from udquant.recipe import find_recipe, plan_quantization
 from udquant.runner import run_tool
-from udquant.toolchain import Toolchain, load_toolchain
+from udquant.toolchain import Toolchain, load_toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output, open_stage, remove_stale_partials
 
 TOOLCHAIN = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
@@ -149,3 +149,16 @@ def test_toolchain_checks(tmp_path):
     (tmp_path / "toolchain.json").write_text('{"tag": "b11434"}')
     with pytest.raises(ToolchainError, match="incomplete: missing llama-quantize"):
         load_toolchain(tmp_path)
+
+
+def test_a_cuda_build_that_ran_on_the_cpu_is_reported(tmp_path, caplog):
+    log = tmp_path / "imatrix.log"
+    log.write_text("0.00.001.686 E ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected\n"
+                   "0.00.021.375 I system_info: n_threads = 2 | CUDA : ARCHS = 900 |\n")
+    cuda = Toolchain(Path("/tc"), "b11434", "abc", "cuda", "git:b11434", "d" * 64)
+    assert warn_if_gpu_unused(cuda, log, "llama-imatrix")
+    assert "llama-imatrix ran on the CPU" in caplog.text and "no CUDA-capable device is detected" in caplog.text
+    assert "--gpus all" in caplog.text
+    assert not warn_if_gpu_unused(TOOLCHAIN, log, "llama-imatrix")  # a CPU build is meant to
+    log.write_text("load_tensors: offloaded 5/5 layers to GPU\n")
+    assert not warn_if_gpu_unused(cuda, log, "llama-imatrix")
