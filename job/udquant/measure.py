@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from udquant.workdir import StageDir, input_key, open_stage, write_text_atomic
 logger = logging.getLogger(__name__)
 
 BASE_LOGITS_NAME = "base.logits"
+SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,10 @@ def compare_files(toolchain: Toolchain, bf16: Path, quants: Sequence[Path], sett
     for path in (bf16, *quants):
         if not path.is_file():
             raise InputError(f"no such file: {path}")
+        if SPLIT_NAME.search(path.name):
+            raise InputError(f"{path.name} is one part of a split GGUF: its size and bits per weight would be "
+                             "those of that part alone",
+                             hint="merge the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
     stage, base_logits = base_logits_stage(toolchain, bf16, input_key(file_identity(bf16.resolve())), settings,
                                            work_dir)
     rows = []

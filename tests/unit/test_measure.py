@@ -65,3 +65,17 @@ def test_disk_estimate_counts_base_logits_and_references():
     assert with_eval - without - logits == pytest.approx(2 * 27e9 * (5.5 + 1) / 8, rel=0.01)
     assert eval_disk_bytes(settings, 248_320) == logits
     assert _estimate_bytes(replace(qwen, vocab_size=0), recipes, True, settings) > without
+
+
+def test_split_parts_are_refused_before_anything_runs(tmp_path):
+    from udquant.measure import compare_files
+    from udquant.toolchain import Toolchain
+
+    bf16, part = tmp_path / "m-bf16.gguf", tmp_path / "m-Q4_K_M-00001-of-00002.gguf"
+    bf16.write_bytes(b"GGUF")
+    part.write_bytes(b"GGUF")
+    toolchain = Toolchain(tmp_path, "b11434", "x", "cpu", "pypi", "d" * 64)
+    with pytest.raises(InputError, match="one part of a split GGUF") as err:
+        compare_files(toolchain, bf16, [part], EvalSettings(), tmp_path / "work")
+    assert "llama-gguf-split --merge" in (err.value.hint or "")
+    assert not (tmp_path / "work").exists()
