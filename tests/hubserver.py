@@ -15,10 +15,12 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+from tests.fakes.http import JSONHandler
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
@@ -84,30 +86,15 @@ class HubState:
         return repo
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     state: HubState
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _send_json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
     def _error(self, status: int, message: str, code: str | None = None) -> None:
         headers = {"X-Error-Message": message}
         if code:
             headers["X-Error-Code"] = code
-        self._send_json({"error": message}, status, headers)
+        self.send_json({"error": message}, status, headers)
 
     def _user(self) -> str | None:
         auth = self.headers.get("Authorization", "")
@@ -125,8 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _json_body(self) -> Any:
-        length = int(self.headers.get("Content-Length", 0))
-        return json.loads(self.rfile.read(length) or b"{}")
+        return json.loads(self.read_body() or b"{}")
 
     def _check_revision(self, repo: Repo, revision: str) -> bool:
         if unquote(revision) not in ("main", repo.sha):
@@ -163,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
                 yaml.safe_load(content.split("---")[1] if content.startswith("---") else "{}")
             except yaml.YAMLError as err:
                 return self._error(400, f"invalid YAML in the card: {err}")
-            return self._send_json({"errors": [], "warnings": []})
+            return self.send_json({"errors": [], "warnings": []})
         if path == "/api/whoami-v2":
             return self._whoami()
         if path == "/api/repos/create" and self.command == "POST":
@@ -192,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             self._error(401, "Invalid credentials in Authorization header")
             return
-        self._send_json({"type": "user", "name": user, "fullname": user, "orgs": [],
+        self.send_json({"type": "user", "name": user, "fullname": user, "orgs": [],
                          "auth": {"type": "access_token", "accessToken": {"role": "write", "displayName": "t"}}})
 
     def _create_repo(self) -> None:
@@ -204,13 +190,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         host, port = self.server.server_address[:2]
         if repo_id in self.state.repos:  # the Hub's 409 carries the url too
-            self._send_json({"error": "You already created this model repo", "url": f"http://{host}:{port}/{repo_id}"},
+            self.send_json({"error": "You already created this model repo", "url": f"http://{host}:{port}/{repo_id}"},
                             409, {"X-Error-Message": "You already created this model repo"})
             return
         repo = Repo(repo_id, private=bool(body.get("private")))
         repo.commit()
         self.state.repos[repo_id] = repo
-        self._send_json({"url": f"http://{host}:{port}/{repo_id}", "name": repo_id, "id": repo_id})
+        self.send_json({"url": f"http://{host}:{port}/{repo_id}", "name": repo_id, "id": repo_id})
 
     def _list_models(self, query: str) -> None:
         from urllib.parse import parse_qs
@@ -225,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
             if all(w in tags for w in wanted) and not repo.private:
                 found.append({"_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id,
                               "tags": sorted(tags), "private": False})
-        self._send_json(found)
+        self.send_json(found)
 
     def _writable_repo(self, repo_id: str) -> Repo | None:
         """The repo, when it exists and the request carries a valid token; else answer the error."""
@@ -239,7 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._writable_repo(repo_id) is None:
             return
         files = self._json_body().get("files", [])
-        self._send_json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+        self.send_json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                    for f in files]})
 
     def _commit(self, repo_id: str) -> None:
@@ -248,8 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._writable_repo(repo_id)
         if repo is None:
             return
-        length = int(self.headers.get("Content-Length", 0))
-        lines = [json.loads(line) for line in self.rfile.read(length).decode().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in self.read_body().decode().splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
         paths = []
         for line in lines:
@@ -261,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo.commits.append({"summary": header.get("summary"), "paths": paths})
         repo.commit()
         host, port = self.server.server_address[:2]
-        self._send_json({"success": True, "commitOid": repo.sha,
+        self.send_json({"success": True, "commitOid": repo.sha,
                          "commitUrl": f"http://{host}:{port}/{repo_id}/commit/{repo.sha}"})
 
     def _entry(self, name: str, file: RepoFile) -> dict[str, Any]:
@@ -271,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id)
         if repo is None or not self._check_revision(repo, revision):
             return
-        self._send_json({
+        self.send_json({
             "_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha,
             "private": repo.private, "gated": "auto" if repo.gated else False, "disabled": False,
             "downloads": 0, "likes": 0, "tags": [], "cardData": repo.card_data,
@@ -285,21 +270,20 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None or not self._check_revision(repo, revision):
             return
         entries = [self._entry(n, f) for n, f in sorted(repo.files.items()) if not prefix or n.startswith(prefix + "/")]
-        self._send_json(entries)
+        self.send_json(entries)
 
     def _paths_info(self, repo_id: str, revision: str) -> None:
         repo = self._repo(repo_id)
         if repo is None or not self._check_revision(repo, revision):
             return
-        length = int(self.headers.get("Content-Length", 0))
-        raw = self.rfile.read(length).decode()
+        raw = self.read_body().decode()
         try:
             wanted = json.loads(raw).get("paths", [])
         except ValueError:
             from urllib.parse import parse_qs
 
             wanted = parse_qs(raw).get("paths", [])
-        self._send_json([self._entry(n, repo.files[n]) for n in wanted if n in repo.files])
+        self.send_json([self._entry(n, repo.files[n]) for n in wanted if n in repo.files])
 
     def _file(self, repo_id: str, revision: str, name: str) -> None:
         repo = self._repo(repo_id)

@@ -20,10 +20,11 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlparse
+
+from tests.fakes.http import JSONHandler
 
 API_VERSION = "1.47"
 
@@ -37,30 +38,15 @@ class EngineState:
         self.lock = threading.Lock()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     state: EngineState
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
+    default_headers: ClassVar[dict[str, str]] = {"Api-Version": API_VERSION}
 
     def address_string(self) -> str:  # unix sockets have no peer address
         return "unix"
 
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Api-Version", API_VERSION)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, payload: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(payload).encode())
-
     def _message(self, status: int, message: str) -> None:
-        self._json({"message": message}, status)
+        self.send_json({"message": message}, status)
 
     def do_GET(self) -> None:
         self._route()
@@ -78,15 +64,14 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         path = re.sub(r"^/v\d+\.\d+", "", url.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.read_body()
         body = json.loads(raw) if raw.strip().startswith(b"{") else None
         with self.state.lock:
             self.state.requests.append((self.command, path + (f"?{url.query}" if url.query else ""), body))
         if path == "/_ping":
-            return self._send(200, b"OK", "text/plain")
+            return self.send_body(200, b"OK", "text/plain")
         if path == "/version":
-            return self._json({"ApiVersion": API_VERSION, "MinAPIVersion": "1.24", "Version": "27.3.1",
+            return self.send_json({"ApiVersion": API_VERSION, "MinAPIVersion": "1.24", "Version": "27.3.1",
                                "Os": "linux", "Arch": "amd64"})
         if path == "/containers/create" and self.command == "POST":
             return self._create(body or {}, query.get("name", ""))
@@ -98,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
             name = unquote(match.group(1))
             if name not in self.state.images:
                 return self._message(404, f"No such image: {name}")
-            return self._json({"Id": "sha256:" + "0" * 64, "RepoTags": [name]})
+            return self.send_json({"Id": "sha256:" + "0" * 64, "RepoTags": [name]})
         self._message(404, f"page not found: {self.command} {path}")
 
     def _create(self, body: dict[str, Any], name: str) -> None:
@@ -115,24 +100,24 @@ class _Handler(BaseHTTPRequestHandler):
                 "State": {"Status": "created", "Running": False, "ExitCode": 0},
             }
             self.state.output[container_id] = []
-        self._json({"Id": container_id, "Warnings": []}, 201)
+        self.send_json({"Id": container_id, "Warnings": []}, 201)
 
     def _container(self, container_id: str, action: str, query: dict[str, str]) -> None:
         container = self.state.containers.get(container_id)
         if container is None:
             return self._message(404, f"No such container: {container_id}")
         if action == "json":
-            return self._json(container)
+            return self.send_json(container)
         if action == "start":
             with self.state.lock:
                 container["State"] = {"Status": "running", "Running": True, "ExitCode": 0}
                 self.state.output[container_id].append((2, "INFO resolve: started"))
-            return self._send(204)
+            return self.send_body(204)
         if action == "stop":
             with self.state.lock:
                 if container["State"]["Running"]:
                     container["State"] = {"Status": "exited", "Running": False, "ExitCode": 143}
-            return self._send(204)
+            return self.send_body(204)
         lines = self.state.output[container_id]
         wanted = {1} if query.get("stdout") in ("1", "True", "true") else set()
         wanted |= {2} if query.get("stderr") in ("1", "True", "true") else set()
@@ -142,14 +127,14 @@ class _Handler(BaseHTTPRequestHandler):
             selected = selected[-int(tail):] if int(tail) else []
         frames = b"".join(struct.pack(">BxxxL", stream, len(data)) + data
                           for stream, data in ((s, (line + "\n").encode()) for s, line in selected))
-        self._send(200, frames, "application/vnd.docker.multiplexed-stream")
+        self.send_body(200, frames, "application/vnd.docker.multiplexed-stream")
 
     def _pull(self, image: str, tag: str) -> None:
         with self.state.lock:
             self.state.images.add(f"{image}:{tag}")
         progress = [{"status": f"Pulling from {image}", "id": tag},
                     {"status": f"Downloaded newer image for {image}:{tag}"}]
-        self._send(200, b"".join(json.dumps(p).encode() + b"\r\n" for p in progress))
+        self.send_body(200, b"".join(json.dumps(p).encode() + b"\r\n" for p in progress))
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

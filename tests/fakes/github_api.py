@@ -17,9 +17,11 @@ import re
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from tests.fakes.http import JSONHandler
 
 
 @dataclass
@@ -59,26 +61,9 @@ class GitHubState:
             run.log += log
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     state: GitHubState
     base_url: str
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, payload: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(payload).encode())
 
     def do_GET(self) -> None:
         self._route()
@@ -89,8 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self) -> None:
         url = urlparse(self.path)
         path, query = url.path, parse_qs(url.query)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.read_body()
         body = json.loads(raw) if raw else None
         with self.state.lock:
             self.state.requests.append((self.command, self.path, dict(self.headers), body))
@@ -98,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._log(int(match.group(1)))
         auth = self.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth.removeprefix("Bearer ") not in self.state.tokens:
-            return self._json({"message": "Bad credentials"}, 401)
+            return self.send_json({"message": "Bad credentials"}, 401)
         if match := re.fullmatch(r"/repos/([^/]+/[^/]+)/actions/workflows/([^/]+)/dispatches", path):
             return self._dispatch(match.group(1), match.group(2), body or {})
         if match := re.fullmatch(r"/repos/([^/]+/[^/]+)/actions/workflows/([^/]+)/runs", path):
@@ -107,16 +91,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._run(match.group(1), int(match.group(2)), match.group(3) or "")
         if match := re.fullmatch(r"/repos/([^/]+/[^/]+)/actions/jobs/(\d+)/logs", path):
             return self._job_logs(int(match.group(2)))
-        self._json({"message": "Not Found"}, 404)
+        self.send_json({"message": "Not Found"}, 404)
 
     def _dispatch(self, repository: str, workflow: str, body: dict[str, Any]) -> None:
         if "ref" not in body:
-            return self._json({"message": "Invalid request: ref is missing"}, 422)
+            return self.send_json({"message": "Invalid request: ref is missing"}, 422)
         run_id = next(self.state.ids)
         with self.state.lock:
             self.state.runs[run_id] = FakeRun(run_id, repository, workflow, body["ref"], body.get("inputs") or {},
                                               job_id=run_id * 10, visible_after=self.state.run_delay)
-        self._send(204)
+        self.send_body(204)
 
     def _list(self, repository: str, workflow: str, query: dict[str, list[str]]) -> None:
         event = query.get("event", [None])[0]
@@ -130,36 +114,36 @@ class _Handler(BaseHTTPRequestHandler):
                     continue
                 if event in (None, "workflow_dispatch"):
                     visible.append(run.payload(self.base_url))
-        self._json({"total_count": len(visible), "workflow_runs": visible})
+        self.send_json({"total_count": len(visible), "workflow_runs": visible})
 
     def _run(self, repository: str, run_id: int, action: str) -> None:
         run = self.state.runs.get(run_id)
         if run is None or run.repository != repository:
-            return self._json({"message": "Not Found"}, 404)
+            return self.send_json({"message": "Not Found"}, 404)
         if action == "/cancel":
             with self.state.lock:
                 if run.status != "completed":
                     run.status, run.conclusion = "completed", "cancelled"
-            return self._json({}, 202)
+            return self.send_json({}, 202)
         if action == "/jobs":
             job = {"id": run.job_id, "run_id": run.id, "name": "quantize", "status": run.status,
                    "conclusion": run.conclusion}
-            return self._json({"total_count": 1, "jobs": [job]})
+            return self.send_json({"total_count": 1, "jobs": [job]})
         with self.state.lock:
             if run.status == "queued":  # a runner picks it up on the next look
                 run.status = "in_progress"
-        self._json(run.payload(self.base_url))
+        self.send_json(run.payload(self.base_url))
 
     def _job_logs(self, job_id: int) -> None:
         run = next((r for r in self.state.runs.values() if r.job_id == job_id), None)
         if run is None or run.status != "completed":
-            return self._json({"message": "Not Found"}, 404)
-        self._send(302, headers={"Location": f"{self.base_url}/_logs/{job_id}"})
+            return self.send_json({"message": "Not Found"}, 404)
+        self.send_body(302, headers={"Location": f"{self.base_url}/_logs/{job_id}"})
 
     def _log(self, job_id: int) -> None:
         run = next((r for r in self.state.runs.values() if r.job_id == job_id), None)
         text = "\n".join(f"2026-11-27T10:00:{i:02d}.0000000Z {line}" for i, line in enumerate(run.log if run else []))
-        self._send(200, text.encode(), "text/plain")
+        self.send_body(200, text.encode(), "text/plain")
 
 
 class FakeGitHub:

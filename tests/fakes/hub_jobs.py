@@ -117,7 +117,7 @@ class HubJobs:
         if path == "/api/whoami-v2" and handler.command == "GET":
             return self._whoami(handler)
         if path == "/api/jobs/hardware" and handler.command == "GET":
-            handler._send_json(HARDWARE)
+            handler.send_json(HARDWARE)
             return True
         match = re.fullmatch(r"/api/jobs/([^/]+)(?:/([^/]+)(?:/(logs|cancel))?)?", path)
         if not match:
@@ -143,9 +143,9 @@ class HubJobs:
             with self.lock:
                 if job.stage not in TERMINAL:
                     job.stage = "CANCELED"
-            handler._send_json({})
+            handler.send_json({})
             return True
-        handler._send_json(self._read(job))
+        handler.send_json(self._read(job))
         return True
 
     def _user(self, handler: Any) -> str | None:
@@ -157,13 +157,12 @@ class HubJobs:
         if user is None:
             handler._error(401, "Invalid credentials in Authorization header")
             return True
-        handler._send_json({"type": "user", "name": user, "fullname": user.title(), "email": f"{user}@example.org",
+        handler.send_json({"type": "user", "name": user, "fullname": user.title(), "email": f"{user}@example.org",
                             "avatarUrl": "", "orgs": [], "auth": {"type": "access_token"}})
         return True
 
     def _body(self, handler: Any) -> dict[str, Any]:
-        length = int(handler.headers.get("Content-Length", 0))
-        data: dict[str, Any] = json.loads(handler.rfile.read(length) or b"{}")
+        data: dict[str, Any] = json.loads(handler.read_body() or b"{}")
         return data
 
     # -- jobs --------------------------------------------------------------------------------
@@ -174,7 +173,7 @@ class HubJobs:
             self.created.append(spec)
             self.jobs[job.id] = job
             self._log(job, f"===== Job started at {job.created_at} =====")
-        handler._send_json(job.info(self.server.url))
+        handler.send_json(job.info(self.server.url))
         return True
 
     def _list(self, handler: Any, namespace: str, query: dict[str, list[str]]) -> bool:
@@ -183,7 +182,7 @@ class HubJobs:
         found = [job.info(self.server.url) for job in self.jobs.values() if job.namespace == namespace
                  and (not stages or job.stage in stages)
                  and all((job.spec.get("labels") or {}).get(k) == v for k, v in labels.items())]
-        handler._send_json(found)
+        handler.send_json(found)
         return True
 
     def _log(self, job: FakeJob, line: str) -> None:
@@ -214,9 +213,5 @@ class HubJobs:
         if "tail" in query:
             events = events[-int(query["tail"][0]):]
         body = "".join(f"data: {json.dumps({'timestamp': ts, 'data': line})}\n\n" for ts, line in events).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        handler.send_body(200, body, "text/event-stream")
         return True
