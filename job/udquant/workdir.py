@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,21 @@ def atomic_output(output: Path) -> Iterator[Path]:
     partial.replace(output)
 
 
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """atomic_output for a folder: fill the yielded staging folder; it replaces dest only when complete."""
+    staging = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_output(path) as partial:
         partial.write_text(text)
@@ -94,7 +110,10 @@ def remove_stale_partials(path: Path) -> None:
     for partial in path.glob("*.partial-*"):
         pid = partial.name.rsplit(".partial-", 1)[1].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            partial.unlink(missing_ok=True)
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
 
 
 def open_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:

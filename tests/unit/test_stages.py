@@ -102,10 +102,12 @@ def test_stale_partials_of_dead_writers_are_removed(tmp_path):
     stage = open_stage(tmp_path, "quantize", {"a": 1})
     dead = stage.path / "model.partial-999999999.gguf"
     alive = stage.path / f"model.partial-{os.getppid()}.gguf"
+    dead_folder = stage.path / "model.partial-999999998"
     dead.write_bytes(b"x")
     alive.write_bytes(b"x")
+    (dead_folder / "sub").mkdir(parents=True)
     open_stage(tmp_path, "quantize", {"a": 1})
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and not dead_folder.exists() and alive.exists()
 
 
 def test_atomic_output_appears_only_when_complete(tmp_path):
