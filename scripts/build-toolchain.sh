@@ -57,8 +57,11 @@ if [ "$cuda" = 1 ]; then
   backend=cuda
   # A portable image: no host-specific CPU flags, explicit GPU architectures.
   # $ORIGIN: the tools find the libraries beside them wherever the folder is copied.
+  # --allow-shlib-undefined: libggml-cuda.so needs libcuda.so.1, which only a machine with the
+  # NVIDIA driver has (the toolkit ships a link stub named libcuda.so); upstream's CUDA image
+  # links the same way.
   cmake_flags+=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
-                -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON)
+                -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
   backend=cpu
 fi
