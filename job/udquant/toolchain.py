@@ -1,11 +1,13 @@
 """Find the pinned llama.cpp build (binaries + converter) and describe it.
 
 Looked up in order: $UDQUANT_LLAMA_CPP (a directory made by scripts/build-toolchain.sh),
-then the build cache ($UDQUANT_CACHE_DIR, the repository's .cache/, ~/.cache/udquant).
+then the build cache ($UDQUANT_CACHE_DIR, the repository's .cache/, ~/.cache/udquant), where a
+CUDA build is preferred when the NVIDIA driver is present.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -103,6 +105,22 @@ def find_toolchain() -> Toolchain:
         candidates.extend((root / "llama.cpp").glob(f"{PINNED_TAG}-*/toolchain.json"))
     if not candidates:
         raise ToolchainError(f"no llama.cpp {PINNED_TAG} build found", hint=BUILD_HINT)
+    if not nvidia_driver_present():
+        # A CUDA build's tools do not even start without libcuda.so.1.
+        usable = [c for c in candidates if "-cpu-" in c.parent.name]
+        if not usable:
+            raise ToolchainError(f"only CUDA builds of llama.cpp {PINNED_TAG} found, and no NVIDIA driver here "
+                                 "(libcuda.so.1)", hint="build the CPU tools with: scripts/build-toolchain.sh")
+        candidates = usable
     # Prefer a GPU build when several exist, then the most recent.
     candidates.sort(key=lambda p: ("-cpu-" not in p.parent.name, p.stat().st_mtime), reverse=True)
     return load_toolchain(candidates[0].parent)
+
+
+def nvidia_driver_present() -> bool:
+    """Whether the NVIDIA driver's libcuda.so.1 loads here (in a container: only with --gpus)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True

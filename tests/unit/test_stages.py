@@ -1,12 +1,15 @@
 """Command lines are pure functions; the runner, work dirs and disk checks on real files."""
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.layouts import header_of, llama_layout
+from udquant import toolchain as toolchain_module
 from udquant.convert import build_convert_args
 from udquant.errors import DiskSpaceError, ToolchainError, ToolError
 from udquant.fetch import check_disk_space
@@ -14,7 +17,7 @@ from udquant.imatrix import ImatrixSettings, build_imatrix_args
 from udquant.quantize import build_quantize_args
 from udquant.recipe import find_recipe, plan_quantization
 from udquant.runner import run_tool
-from udquant.toolchain import Toolchain, load_toolchain, warn_if_gpu_unused
+from udquant.toolchain import TOOLS, Toolchain, find_toolchain, load_toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output, open_stage, remove_stale_partials
 
 TOOLCHAIN = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
@@ -164,3 +167,32 @@ def test_a_cuda_build_that_ran_on_the_cpu_is_reported(tmp_path, caplog):
     assert not warn_if_gpu_unused(TOOLCHAIN, log, "llama-imatrix")  # a CPU build is meant to
     log.write_text("load_tensors: offloaded 5/5 layers to GPU\n")
     assert not warn_if_gpu_unused(cuda, log, "llama-imatrix")
+
+
+def _cached_build(cache: Path, name: str) -> Path:
+    root = cache / "llama.cpp" / name
+    (root / "bin").mkdir(parents=True)
+    (root / "src").mkdir()
+    (root / "src" / "convert_hf_to_gguf.py").touch()
+    for tool in TOOLS:
+        (root / "bin" / tool).touch(mode=0o755)
+    backend = "cuda" if "-cuda-" in name else "cpu"
+    (root / "toolchain.json").write_text(json.dumps({"tag": "b11434", "backend": backend}))
+    return root
+
+
+def test_cached_cuda_build_is_preferred_only_with_a_driver(tmp_path, monkeypatch):
+    monkeypatch.delenv("UDQUANT_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("UDQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(toolchain_module, "_cache_roots", lambda: [tmp_path])
+    cpu = _cached_build(tmp_path, "b11434-cpu-aaaa")
+    cuda = _cached_build(tmp_path, "b11434-cuda-bbbb")
+    monkeypatch.setattr(toolchain_module, "nvidia_driver_present", lambda: True)
+    assert find_toolchain().root == cuda
+    monkeypatch.setattr(toolchain_module, "nvidia_driver_present", lambda: False)
+    assert find_toolchain().root == cpu
+    shutil.rmtree(cpu)
+    with pytest.raises(ToolchainError, match="only CUDA builds .* no NVIDIA driver here"):
+        find_toolchain()
+    monkeypatch.setenv("UDQUANT_LLAMA_CPP", str(cuda))  # an explicit choice is taken as is
+    assert find_toolchain().root == cuda
