@@ -105,9 +105,17 @@ def eval_settings_from_args(args: argparse.Namespace) -> EvalSettings:
     return settings
 
 
+def _eval_options_without_eval(args: argparse.Namespace) -> list[str]:
+    given = [("--eval-text", args.eval_text is not None), ("--eval-chunks", args.eval_chunks != DEFAULT_EVAL_CHUNKS),
+             ("--eval-context", args.eval_context != DEFAULT_EVAL_CONTEXT)]
+    return [name for name, present in given if present]
+
+
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     if args.imatrix_chunks < 1 or args.imatrix_context < 32:
         raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
+    if not args.evaluate and (stray := _eval_options_without_eval(args)):
+        raise InputError(f"{', '.join(stray)} only apply with --eval", hint="add --eval, or leave them out")
     return JobOptions(
         source=args.source, levels=tuple(args.levels or (DEFAULT_LEVEL,)), recipe=args.recipe,
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
@@ -190,19 +198,24 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from udquant.evaluate import render_eval_table
-    from udquant.measure import compare_files
+    from udquant.measure import compare_files, require_plotting
     from udquant.toolchain import find_toolchain
+    from udquant.workdir import write_text_atomic
 
     settings = eval_settings_from_args(args)
+    if args.plot:
+        require_plotting()
     rows = compare_files(find_toolchain(), args.base, args.quants, settings, args.work_dir)
     print(render_eval_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"base": args.base.name, "eval_text": settings.describe(),
-                                         "eval": [row.describe() for row in rows]}, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.json, json.dumps({"base": args.base.name, "eval_text": settings.describe(),
+                                                 "eval": [row.describe() for row in rows]}, indent=2) + "\n")
         _note(f"wrote {args.json}")
     if args.plot:
         from udquant.plot import plot_kld_vs_bpw
 
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_kld_vs_bpw(rows, args.plot, title=f"KL divergence vs size, against {args.base.name}")
         _note(f"wrote {args.plot}")
     return 0

@@ -22,7 +22,7 @@ from udquant.gguf_header import GGUFHeader, read_gguf_header
 from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, compute_imatrix, read_imatrix
 from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
 from udquant.library import data_file
-from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels
+from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels, require_plotting
 from udquant.output import ImatrixUse, LevelOutput, OutputFiles, sha256_file, write_outputs
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
@@ -206,8 +206,9 @@ def run_job(options: JobOptions) -> JobResult:
     """Run the whole pipeline for one model and every requested level."""
     if options.imatrix not in IMATRIX_MODES and not Path(options.imatrix).is_file():
         raise InputError(f"--imatrix must be auto, none, compute or an existing file, not {options.imatrix!r}")
-    if options.evaluate:
-        options.eval_settings.check()  # before hours of work, not after
+    if options.evaluate:  # before hours of work, not after
+        options.eval_settings.check()
+        require_plotting()
     timings = Timings()
     with timings.stage("resolve"):
         model = resolve_model(options.source, revision=options.revision, token=options.token)

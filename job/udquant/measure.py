@@ -90,7 +90,16 @@ def eval_disk_bytes(settings: EvalSettings, n_vocab: int, reference_bytes: int =
 def file_identity(path: Path) -> dict[str, Any]:
     """Cheap identity of a large local file: a rewrite changes its size or mtime."""
     stat = path.stat()
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def require_plotting() -> None:
+    """The KLD plot needs matplotlib (the eval extra): say so before any work, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("plotting KL divergence needs matplotlib, which is not installed",
+                         hint="pip install 'udquant[eval]'") from None
 
 
 def base_logits_stage(toolchain: Toolchain, bf16: Path, bf16_key: str, settings: EvalSettings,

@@ -164,10 +164,11 @@ def test_eval_command_measures_files_and_reuses_what_it_measured(measured, tmp_p
     shutil.copyfile(ud, other)
     work = tmp_path / "work"
     common = ["--eval-chunks", "2", "--eval-context", str(CONTEXT), "--work-dir", work]
-    first = run_cli("eval", bf16, ud, *common, "--json", tmp_path / "first.json", cwd=tmp_path, program="udquant")
+    first = run_cli("eval", bf16, ud, *common, "--json", tmp_path / "reports" / "first.json", cwd=tmp_path,
+                    program="udquant")
     assert first.returncode == 0, first.stderr
     assert "| Quant | Size | Bits per weight | Mean KLD |" in first.stdout and "| model |" in first.stdout
-    report = json.loads((tmp_path / "first.json").read_text())
+    report = json.loads((tmp_path / "reports" / "first.json").read_text())
     assert report["eval_text"]["text"] == "eval.txt" and report["eval_text"]["bundled"] is True
     assert report["eval_text"]["sha256"] == hashlib.sha256(data_file("eval.txt").read_bytes()).hexdigest()
     assert [row["chunks"] for row in report["eval"]] == [2]

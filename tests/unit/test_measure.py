@@ -79,3 +79,27 @@ def test_split_parts_are_refused_before_anything_runs(tmp_path):
         compare_files(toolchain, bf16, [part], EvalSettings(), tmp_path / "work")
     assert "llama-gguf-split --merge" in (err.value.hint or "")
     assert not (tmp_path / "work").exists()
+
+
+def test_eval_options_without_eval_are_refused():
+    import argparse
+
+    from udquant.cli import add_job_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    with pytest.raises(InputError, match="--eval-text, --eval-context only apply with --eval"):
+        options_from_args(parser.parse_args(["./m", "--eval-text", "t.txt", "--eval-context", "256"]))
+    assert not options_from_args(parser.parse_args(["./m"])).evaluate
+
+
+def test_missing_matplotlib_is_said_before_any_work(monkeypatch):
+    import sys
+
+    from udquant.measure import require_plotting
+
+    require_plotting()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(InputError, match="needs matplotlib") as err:
+        require_plotting()
+    assert "udquant[eval]" in (err.value.hint or "")
