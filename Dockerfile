@@ -42,12 +42,16 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # the archive drops superseded versions, so pins would break rebuilds without adding safety.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates git cmake make g++ python3 python3-venv \
+    && apt-get install -y --no-install-recommends ca-certificates git cmake make g++-14 python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
+# GCC 14 as upstream's CUDA image uses: a CUDA build made with Ubuntu 24.04's default GCC 13 on a GPU
+# machine had libstdc++ linked into libggml-cuda.so and aborted at start (build-toolchain.sh now
+# checks every build for that, so a bad one fails here instead of in a job).
+ENV CC=gcc-14 CXX=g++-14 CUDAHOSTCXX=g++-14
 
 WORKDIR /src
 # Only what the toolchain build reads, so editing the job does not recompile CUDA kernels.
-COPY scripts/build-toolchain.sh scripts/llama-cpp-pin.env scripts/
+COPY scripts/build-toolchain.sh scripts/check-toolchain.sh scripts/llama-cpp-pin.env scripts/
 RUN pinned=$(sed -n 's/^LLAMA_CPP_TAG=//p' scripts/llama-cpp-pin.env) \
     && if [ "$pinned" != "$LLAMA_CPP_TAG" ]; then \
          echo "LLAMA_CPP_TAG=$LLAMA_CPP_TAG but scripts/llama-cpp-pin.env pins $pinned" >&2; exit 1; \

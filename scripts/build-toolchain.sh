@@ -60,7 +60,10 @@ if [ "$cuda" = 1 ]; then
   # --allow-shlib-undefined: libggml-cuda.so needs libcuda.so.1, which only a machine with the
   # NVIDIA driver has (the toolkit ships a link stub named libcuda.so); upstream's CUDA image
   # links the same way.
-  cmake_flags+=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
+  # No NCCL: the tools use one GPU, and a build that links whatever NCCL the build machine has
+  # (the CUDA devel images ship one) crashed at start on an H200 (free(): invalid pointer in
+  # libstdc++'s locale init inside libggml-cuda.so), where the same flags without NCCL ran.
+  cmake_flags+=(-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
                 -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
   backend=cpu
@@ -118,12 +121,23 @@ fi
 digest=$(tree_digest "$src")
 [ "$digest" = "$LLAMA_CPP_TREE_SHA256" ] || die "source tree digest mismatch for $LLAMA_CPP_TAG from $from: got $digest, expected $LLAMA_CPP_TREE_SHA256"
 
+# Ninja where there is one (it keeps every core busy through nvcc's long compiles); the
+# generator does not change what is built, so it is not part of the cache key.
+generator=()
+if command -v ninja >/dev/null; then
+  generator=(-G Ninja)
+fi
+# The build is what cmake_flags say (they make the cache key): compiler and linker flags from the
+# environment would change the binaries behind the same key, so they are left out.
+clean_env=(env -u CFLAGS -u CXXFLAGS -u CPPFLAGS -u LDFLAGS -u CUDAFLAGS)
 echo "build-toolchain: building $LLAMA_CPP_TAG ($backend, $jobs jobs); this takes minutes" >&2
-cmake -S "$src" -B "$work/build" "${cmake_flags[@]}" -DLLAMA_BUILD_COMMIT="$commit" >"$work/cmake.log" 2>&1 \
+build_start=$(date +%s)
+"${clean_env[@]}" cmake -S "$src" -B "$work/build" "${generator[@]}" "${cmake_flags[@]}" -DLLAMA_BUILD_COMMIT="$commit" >"$work/cmake.log" 2>&1 \
   || { tail -n 40 "$work/cmake.log" >&2; die "cmake configure failed"; }
-cmake --build "$work/build" --config Release -j "$jobs" \
+"${clean_env[@]}" cmake --build "$work/build" --config Release -j "$jobs" \
   --target llama-quantize llama-imatrix llama-perplexity llama-gguf-split >"$work/build.log" 2>&1 \
   || { tail -n 40 "$work/build.log" >&2; die "build failed"; }
+echo "build-toolchain: built in $(( $(date +%s) - build_start )) s" >&2
 
 staging="$dest.partial"
 rm -rf "$staging"
@@ -147,6 +161,8 @@ with open(path, "w") as f:
         "cmake_flags": flags, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }, f, indent=2)
 PY
+# A build whose tools cannot start is never cached.
+"$here/check-toolchain.sh" "$staging" || die "the new build failed its check; nothing was cached"
 rm -rf "$dest"
 mv "$staging" "$dest"
 echo "build-toolchain: done" >&2

@@ -39,7 +39,7 @@
 #   scripts/gpu-smoke.sh --toolchain dist/llama.cpp-cuda
 #
 # Needs there: an NVIDIA driver (nvidia-smi) and the CUDA runtime and cuBLAS the build links; to
-# build, also the CUDA toolkit (nvcc, on PATH or in /usr/local/cuda/bin), cmake, make and a C++
+# build, also the CUDA toolkit (nvcc, on PATH or in /usr/local/cuda/bin), cmake, ninja or make, and a C++
 # compiler. The last line printed is the output folder.
 set -euo pipefail
 
@@ -78,6 +78,9 @@ done
 # Nothing below may reach the network; fail fast instead of hanging on a download.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PIP_NO_INDEX=1
 export UDQUANT_NO_PROGRESS=1 PYTHONUNBUFFERED=1
+# llama.cpp logs its library's info lines ("load_tensors: offloaded N/M layers to GPU") only from
+# verbosity 4; the tools read this variable like their -lv option.
+export LLAMA_ARG_LOG_VERBOSITY=4
 export PYTHONPATH="$root/job${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ -n "$prebuilt" ]; then
@@ -92,9 +95,10 @@ python="$venv/bin/python"
 "$python" -c 'import torch, transformers, gguf, huggingface_hub, udquant' 2>/dev/null \
   || die "$venv lacks udquant's dependencies or the converter's (torch, transformers); run 'make venv' there"
 if [ -z "$prebuilt" ]; then
-  for tool in cmake make c++; do
+  for tool in cmake c++; do
     command -v "$tool" >/dev/null || die "$tool not found"
   done
+  command -v ninja >/dev/null || command -v make >/dev/null || die "neither ninja nor make found"
 fi
 
 build_flags=()
@@ -119,6 +123,7 @@ fi
 start=$(date +%s)
 if [ -n "$prebuilt" ]; then
   toolchain=$(cd "$prebuilt" && pwd)
+  "$here/check-toolchain.sh" "$toolchain"
 else
   toolchain=$("$here/build-toolchain.sh" --from "$from" --source-archive "$source_archive" \
     --cache-dir "$cache_dir" --jobs "$jobs" "${build_flags[@]}" | tail -n 1)

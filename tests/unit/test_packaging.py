@@ -147,6 +147,15 @@ def test_dockerfile_builds_llama_cpp_through_the_build_script():
     assert stages == ["nvidia/cuda:12.8.1-devel-ubuntu24.04 AS builder", "nvidia/cuda:12.8.1-runtime-ubuntu24.04"]
 
 
+def test_dockerfile_copies_every_script_the_build_runs():
+    build_script = (ROOT / "scripts" / "build-toolchain.sh").read_text()
+    needed = {"scripts/build-toolchain.sh", "scripts/llama-cpp-pin.env"}
+    needed |= {f"scripts/{name}" for name in re.findall(r'"\$here/([\w.-]+)"', build_script)}
+    assert "scripts/check-toolchain.sh" in needed
+    copied = {path for keyword, rest in dockerfile_instructions() if keyword == "COPY" for path in rest.split()[:-1]}
+    assert needed <= copied
+
+
 def test_image_versions_follow_the_project():
     defaults = dockerfile_arg_defaults()
     assert defaults["UDQUANT_VERSION"] == pyproject()["project"]["version"]
