@@ -44,9 +44,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates git cmake make g++-14 python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
-# GCC 14 as upstream's CUDA image uses: a CUDA build made with Ubuntu 24.04's default GCC 13 on a GPU
-# machine had libstdc++ linked into libggml-cuda.so and aborted at start (build-toolchain.sh now
-# checks every build for that, so a bad one fails here instead of in a job).
+# GCC 14, the compiler upstream's CUDA image builds with. (One CUDA build made elsewhere with GCC 13
+# had libstdc++ linked into libggml-cuda.so, cause unconfirmed, and its tools aborted at start;
+# build-toolchain.sh checks every build for that, so such a build fails here, not in a job.)
 ENV CC=gcc-14 CXX=g++-14 CUDAHOSTCXX=g++-14
 
 WORKDIR /src
