@@ -60,9 +60,8 @@ if [ "$cuda" = 1 ]; then
   # --allow-shlib-undefined: libggml-cuda.so needs libcuda.so.1, which only a machine with the
   # NVIDIA driver has (the toolkit ships a link stub named libcuda.so); upstream's CUDA image
   # links the same way.
-  # No NCCL: the tools use one GPU, and a build that links whatever NCCL the build machine has
-  # (the CUDA devel images ship one) crashed at start on an H200 (free(): invalid pointer in
-  # libstdc++'s locale init inside libggml-cuda.so), where the same flags without NCCL ran.
+  # No NCCL: the tools use one GPU, and linking whatever NCCL the build machine has (CUDA devel
+  # images ship one) would make the tools need it at run time too.
   cmake_flags+=(-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
                 -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
@@ -162,7 +161,7 @@ with open(path, "w") as f:
     }, f, indent=2)
 PY
 # A build whose tools cannot start is never cached.
-"$here/check-toolchain.sh" "$staging" || die "the new build failed its check; nothing was cached"
+"$here/check-toolchain.sh" "$staging" || die "the new build failed its check: nothing was cached (it is in $staging for a look)"
 rm -rf "$dest"
 mv "$staging" "$dest"
 echo "build-toolchain: done" >&2
