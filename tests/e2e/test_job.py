@@ -131,12 +131,19 @@ def test_tool_failure_shows_its_output(llama_run, llama, tmp_path):
     root, _ = llama_run
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill one chunk.")
-    proc = run_cli(llama, "--calibration", short, "--work-dir", root / "work", "--out-dir", tmp_path / "out",
-                   *FAST_IMATRIX, cwd=tmp_path)
-    assert proc.returncode == 4, proc.stderr
-    assert "imatrix: llama-imatrix exited with code" in proc.stderr
-    assert "tokens" in proc.stderr  # llama-imatrix's own words about the text being too short
-    assert not (tmp_path / "out").exists()
+    # llama-imatrix's own words about the text being too short are its last line, which the pinned
+    # build now and then loses at exit (its logger thread is not flushed): they must show in one of three.
+    stderrs = []
+    for _ in range(3):
+        proc = run_cli(llama, "--calibration", short, "--work-dir", root / "work", "--out-dir", tmp_path / "out",
+                       *FAST_IMATRIX, cwd=tmp_path)
+        assert proc.returncode == 4, proc.stderr
+        assert "imatrix: llama-imatrix exited with code" in proc.stderr
+        assert not (tmp_path / "out").exists()
+        stderrs.append(proc.stderr)
+        if "tokens" in proc.stderr:
+            break
+    assert any("tokens" in stderr for stderr in stderrs), stderrs[-1]
 
 
 def test_not_enough_disk(llama, toolchain, tmp_path):
