@@ -42,7 +42,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # the archive drops superseded versions, so pins would break rebuilds without adding safety.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates git cmake make g++-14 python3 python3-venv \
+    && apt-get install -y --no-install-recommends ca-certificates git cmake ninja-build make g++-14 python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 # GCC 14, the compiler upstream's CUDA image builds with. (One CUDA build made elsewhere with GCC 13
 # had libstdc++ linked into libggml-cuda.so, cause unconfirmed, and its tools aborted at start;

