@@ -121,10 +121,12 @@ else
   build_flags=(--cuda --cuda-arch "$cuda_arch")
 fi
 
+if [ -n "$prebuilt" ]; then
+  "$here/check-toolchain.sh" "$prebuilt"  # before the clock starts: the time printed is the build's
+fi
 start=$(date +%s)
 if [ -n "$prebuilt" ]; then
   toolchain=$(cd "$prebuilt" && pwd)
-  "$here/check-toolchain.sh" "$toolchain"
 else
   toolchain=$("$here/build-toolchain.sh" --from "$from" --source-archive "$source_archive" \
     --cache-dir "$cache_dir" --jobs "$jobs" "${build_flags[@]}" | tail -n 1)
