@@ -46,12 +46,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 # GCC 14, the compiler upstream's CUDA image builds with. (One CUDA build made elsewhere with GCC 13
 # had libstdc++ linked into libggml-cuda.so, cause unconfirmed, and its tools aborted at start;
-# build-toolchain.sh checks every build for that, so such a build fails here, not in a job.)
+# build-toolchain.sh checks the compiler before building and every build after, so such a build
+# fails here, not in a job.)
 ENV CC=gcc-14 CXX=g++-14 CUDAHOSTCXX=g++-14
 
 WORKDIR /src
 # Only what the toolchain build reads, so editing the job does not recompile CUDA kernels.
-COPY scripts/build-toolchain.sh scripts/check-toolchain.sh scripts/llama-cpp-pin.env scripts/
+COPY scripts/build-toolchain.sh scripts/check-compiler.sh scripts/check-toolchain.sh scripts/llama-cpp-pin.env scripts/
 RUN pinned=$(sed -n 's/^LLAMA_CPP_TAG=//p' scripts/llama-cpp-pin.env) \
     && if [ "$pinned" != "$LLAMA_CPP_TAG" ]; then \
          echo "LLAMA_CPP_TAG=$LLAMA_CPP_TAG but scripts/llama-cpp-pin.env pins $pinned" >&2; exit 1; \

@@ -70,8 +70,14 @@ fi
 
 flags_key=$(printf '%s\n' "$LLAMA_CPP_TAG" "${cmake_flags[@]}" | sha256sum | cut -c1-12)
 dest="${prefix:-$cache_dir/llama.cpp/$LLAMA_CPP_TAG-$backend-$flags_key}"
+dest="${dest%/}"  # DIR/ would make the staging folder DIR/.partial, inside what is replaced
 
 if [ -f "$dest/toolchain.json" ]; then
+  # The same key from the tag and flags the build recorded: a --prefix folder has no key in its name.
+  built_key=$(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["tag"]); print(*m["cmake_flags"], sep="\n")' \
+                "$dest/toolchain.json" | sha256sum | cut -c1-12) || die "cannot read $dest/toolchain.json"
+  [ "$built_key" = "$flags_key" ] || die "$dest holds a llama.cpp build made with other settings (see its \
+toolchain.json): remove it or build into another --prefix"
   echo "build-toolchain: $LLAMA_CPP_TAG ($backend) already built" >&2
   echo "$dest"
   exit 0
@@ -134,6 +140,16 @@ echo "build-toolchain: building $LLAMA_CPP_TAG ($backend, $jobs jobs); this take
 build_start=$(date +%s)
 "${clean_env[@]}" cmake -S "$src" -B "$work/build" "${generator[@]}" "${cmake_flags[@]}" -DLLAMA_BUILD_COMMIT="$commit" >"$work/cmake.log" 2>&1 \
   || { tail -n 40 "$work/cmake.log" >&2; die "cmake configure failed"; }
+# Shared libraries are where a compiler that links libstdc++ statically breaks the tools: ask the
+# compilers CMake chose now, not after the build.
+if [ "$shared_libs" = ON ]; then
+  compilers=()
+  for variable in CMAKE_CXX_COMPILER CMAKE_CUDA_HOST_COMPILER; do
+    value=$(sed -n "s/^$variable:[A-Z]*=//p" "$work/build/CMakeCache.txt")
+    if [ -n "$value" ]; then compilers+=("$value"); fi
+  done
+  "${clean_env[@]}" "$here/check-compiler.sh" "${compilers[@]}" || die "nothing was built"
+fi
 "${clean_env[@]}" cmake --build "$work/build" --config Release -j "$jobs" \
   --target llama-quantize llama-imatrix llama-perplexity llama-gguf-split >"$work/build.log" 2>&1 \
   || { tail -n 40 "$work/build.log" >&2; die "build failed"; }

@@ -75,6 +75,7 @@ def _cache_roots() -> list[Path]:
 
 def load_toolchain(root: Path) -> Toolchain:
     """Read and check one toolchain directory."""
+    root = root.resolve()  # the tools run inside stage folders: a relative path would miss them
     manifest = root / "toolchain.json"
     if not manifest.is_file():
         raise ToolchainError(f"{root} is not a udquant toolchain (no toolchain.json)", hint=BUILD_HINT)
@@ -100,21 +101,32 @@ def find_toolchain() -> Toolchain:
     explicit = os.environ.get("UDQUANT_LLAMA_CPP")
     if explicit:
         return load_toolchain(Path(explicit))
-    candidates: list[Path] = []
+    candidates: list[tuple[Path, str]] = []
     for root in _cache_roots():
-        candidates.extend((root / "llama.cpp").glob(f"{PINNED_TAG}-*/toolchain.json"))
+        for manifest in (root / "llama.cpp").glob(f"{PINNED_TAG}-*/toolchain.json"):
+            # A build that failed its check stays in NAME.partial for a look: never use it.
+            if manifest.parent.name.endswith(".partial"):
+                continue
+            candidates.append((manifest, _manifest_backend(manifest)))
     if not candidates:
         raise ToolchainError(f"no llama.cpp {PINNED_TAG} build found", hint=BUILD_HINT)
     if not nvidia_driver_present():
         # A CUDA build's tools do not even start without libcuda.so.1.
-        usable = [c for c in candidates if "-cpu-" in c.parent.name]
+        usable = [(manifest, backend) for manifest, backend in candidates if backend == "cpu"]
         if not usable:
             raise ToolchainError(f"only CUDA builds of llama.cpp {PINNED_TAG} found, and no NVIDIA driver here "
                                  "(libcuda.so.1)", hint="build the CPU tools with: scripts/build-toolchain.sh")
         candidates = usable
     # Prefer a GPU build when several exist, then the most recent.
-    candidates.sort(key=lambda p: ("-cpu-" not in p.parent.name, p.stat().st_mtime), reverse=True)
-    return load_toolchain(candidates[0].parent)
+    candidates.sort(key=lambda item: (item[1] != "cpu", item[0].stat().st_mtime), reverse=True)
+    return load_toolchain(candidates[0][0].parent)
+
+
+def _manifest_backend(manifest: Path) -> str:
+    try:
+        return str(json.loads(manifest.read_text()).get("backend", "cpu"))
+    except (OSError, ValueError) as error:
+        raise ToolchainError(f"cannot read {manifest}: {error}", hint=BUILD_HINT) from error
 
 
 def nvidia_driver_present() -> bool:

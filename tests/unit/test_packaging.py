@@ -151,7 +151,7 @@ def test_dockerfile_copies_every_script_the_build_runs():
     build_script = (ROOT / "scripts" / "build-toolchain.sh").read_text()
     needed = {"scripts/build-toolchain.sh", "scripts/llama-cpp-pin.env"}
     needed |= {f"scripts/{name}" for name in re.findall(r'"\$here/([\w.-]+)"', build_script)}
-    assert "scripts/check-toolchain.sh" in needed
+    assert {"scripts/check-compiler.sh", "scripts/check-toolchain.sh"} <= needed
     copied = {path for keyword, rest in dockerfile_instructions() if keyword == "COPY" for path in rest.split()[:-1]}
     assert needed <= copied
 

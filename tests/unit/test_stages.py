@@ -169,14 +169,13 @@ def test_a_cuda_build_that_ran_on_the_cpu_is_reported(tmp_path, caplog):
     assert not warn_if_gpu_unused(cuda, log, "llama-imatrix")
 
 
-def _cached_build(cache: Path, name: str) -> Path:
+def _cached_build(cache: Path, name: str, backend: str) -> Path:
     root = cache / "llama.cpp" / name
     (root / "bin").mkdir(parents=True)
     (root / "src").mkdir()
     (root / "src" / "convert_hf_to_gguf.py").touch()
     for tool in TOOLS:
         (root / "bin" / tool).touch(mode=0o755)
-    backend = "cuda" if "-cuda-" in name else "cpu"
     (root / "toolchain.json").write_text(json.dumps({"tag": "b11434", "backend": backend}))
     return root
 
@@ -185,8 +184,9 @@ def test_cached_cuda_build_is_preferred_only_with_a_driver(tmp_path, monkeypatch
     monkeypatch.delenv("UDQUANT_LLAMA_CPP", raising=False)
     monkeypatch.setenv("UDQUANT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(toolchain_module, "_cache_roots", lambda: [tmp_path])
-    cpu = _cached_build(tmp_path, "b11434-cpu-aaaa")
-    cuda = _cached_build(tmp_path, "b11434-cuda-bbbb")
+    cpu = _cached_build(tmp_path, "b11434-cpu-aaaa", "cpu")
+    # The manifest says what a build is, whatever its folder is called.
+    cuda = _cached_build(tmp_path, "b11434-custom", "cuda")
     monkeypatch.setattr(toolchain_module, "nvidia_driver_present", lambda: True)
     assert find_toolchain().root == cuda
     monkeypatch.setattr(toolchain_module, "nvidia_driver_present", lambda: False)
@@ -196,3 +196,15 @@ def test_cached_cuda_build_is_preferred_only_with_a_driver(tmp_path, monkeypatch
         find_toolchain()
     monkeypatch.setenv("UDQUANT_LLAMA_CPP", str(cuda))  # an explicit choice is taken as is
     assert find_toolchain().root == cuda
+
+
+def test_a_build_that_failed_its_check_is_never_used(tmp_path, monkeypatch):
+    monkeypatch.delenv("UDQUANT_LLAMA_CPP", raising=False)
+    monkeypatch.setattr(toolchain_module, "_cache_roots", lambda: [tmp_path])
+    monkeypatch.setattr(toolchain_module, "nvidia_driver_present", lambda: True)
+    good = _cached_build(tmp_path, "b11434-cpu-aaaa", "cpu")
+    _cached_build(tmp_path, "b11434-cuda-bbbb.partial", "cuda")  # newer, and a GPU build: still not it
+    assert find_toolchain().root == good
+    shutil.rmtree(good)
+    with pytest.raises(ToolchainError, match="no llama.cpp b11434 build found"):
+        find_toolchain()
