@@ -72,6 +72,7 @@ class HubState:
         self.served: dict[str, int] = defaultdict(int)  # "repo/path" -> bytes sent
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
         self.tokens = {"hf_test_token_owner": "tester"}  # accepted tokens -> user name
+        self.read_only_tokens: set[str] = set()  # tokens whose role is "read": no repo creation, no commits
         # Cut the connection after N bytes, once, for these "repo/path" downloads.
         self.interrupt_once: dict[str, int] = {}
         # More endpoints (jobs, uploads) plug in here: each returns True when it answered.
@@ -96,9 +97,21 @@ class _Handler(JSONHandler):
             headers["X-Error-Code"] = code
         self.send_json({"error": message}, status, headers)
 
+    def _token(self) -> str:
+        return self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+
     def _user(self) -> str | None:
-        auth = self.headers.get("Authorization", "")
-        return self.state.tokens.get(auth.removeprefix("Bearer ").strip()) if auth else None
+        return self.state.tokens.get(self._token())
+
+    def _may_write(self) -> bool:
+        """Answer the error unless the request carries a valid token with write access."""
+        if self._user() is None:
+            self._error(401, "Invalid credentials")
+            return False
+        if self._token() in self.state.read_only_tokens:
+            self._error(403, "You don't have the rights to write to this namespace")
+            return False
+        return True
 
     def _repo(self, repo_id: str) -> Repo | None:
         repo = self.state.repos.get(repo_id)
@@ -179,14 +192,15 @@ class _Handler(JSONHandler):
             self._error(401, "Invalid credentials in Authorization header")
             return
         self.send_json({"type": "user", "name": user, "fullname": user, "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": {"role": "write", "displayName": "t"}}})
+                         "auth": {"type": "access_token", "accessToken": {
+                             "role": "read" if self._token() in self.state.read_only_tokens else "write",
+                             "displayName": "t"}}})
 
     def _create_repo(self) -> None:
         user = self._user()
         body = self._json_body()
         repo_id = f"{body.get('organization') or user}/{body['name']}"
-        if user is None:
-            self._error(401, "Invalid credentials")
+        if not self._may_write():
             return
         host, port = self.server.server_address[:2]
         if repo_id in self.state.repos:  # the Hub's 409 carries the url too
@@ -216,8 +230,7 @@ class _Handler(JSONHandler):
     def _writable_repo(self, repo_id: str) -> Repo | None:
         """The repo, when it exists and the request carries a valid token; else answer the error."""
         repo = self._repo(repo_id)
-        if repo is not None and self._user() is None:
-            self._error(401, "Invalid credentials")
+        if repo is not None and not self._may_write():
             return None
         return repo
 

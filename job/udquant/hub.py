@@ -6,7 +6,16 @@ import json
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    NotASafetensorsRepoError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    SafetensorsParsingError,
+)
 
 # huggingface_hub re-exports the HTTP client it uses (its name changed across major versions).
 from huggingface_hub.utils import httpx as hf_httpx  # type: ignore[attr-defined]
@@ -23,8 +32,12 @@ MODEL_FILE_PATTERNS = [
 ]
 
 
-# What a Hub call can fail with: an HTTP error answer, or no answer at all.
-HUB_ERRORS: tuple[type[Exception], ...] = (HfHubHTTPError, hf_httpx.TransportError)
+# What a Hub call can fail with: an HTTP error answer; no answer at all (a download says so with
+# LocalEntryNotFoundError when the file is not cached either); offline mode; weights whose
+# safetensors headers cannot be described.
+_NO_ANSWER = (hf_httpx.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+_UNDESCRIBED_WEIGHTS = (NotASafetensorsRepoError, SafetensorsParsingError)
+HUB_ERRORS: tuple[type[Exception], ...] = (HfHubHTTPError, *_NO_ANSWER, *_UNDESCRIBED_WEIGHTS)
 
 
 def hub_error(repo_id: str, err: Exception) -> HubError:
@@ -34,9 +47,15 @@ def hub_error(repo_id: str, err: Exception) -> HubError:
     if isinstance(err, RepositoryNotFoundError):
         return HubError(f"{repo_id} does not exist on the Hub, or it is private",
                         hint="check the spelling; for a private repo set HF_TOKEN")
-    if isinstance(err, hf_httpx.TransportError):
+    if isinstance(err, OfflineModeIsEnabled):
+        return HubError(f"{repo_id} is on the Hub, and HF_HUB_OFFLINE is set",
+                        hint="unset HF_HUB_OFFLINE, or give a local model folder")
+    if isinstance(err, _NO_ANSWER):
         return HubError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(err).__name__}: {err})",
                         hint="check the network, or HF_ENDPOINT")
+    if isinstance(err, _UNDESCRIBED_WEIGHTS):
+        return HubError(f"{repo_id}: its safetensors weights cannot be described ({err})",
+                        hint="udquant reads model.safetensors or model.safetensors.index.json")
     if isinstance(err, RevisionNotFoundError):
         return HubError(f"{repo_id}: revision not found")
     return HubError(f"{repo_id}: the Hub request failed: {err}")
@@ -71,7 +90,8 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
 MAX_BASE_CHAIN = 5
 
 
-def _base_models(card_data: object) -> list[str]:
+def declared_base_models(card_data: object) -> list[str]:
+    """The base_model ids a model card declares (none, one or several)."""
     value = getattr(card_data, "base_model", None) if card_data is not None else None
     if isinstance(card_data, dict):
         value = card_data.get("base_model")
@@ -83,14 +103,14 @@ def _base_models(card_data: object) -> list[str]:
 def base_model_chain(api: HfApi, repo_id: str, card_data: object) -> tuple[str, ...]:
     """Follow the model cards' base_model up the chain (distill -> its base -> ...)."""
     chain: list[str] = []
-    current = _base_models(card_data)
+    current = declared_base_models(card_data)
     while current and len(chain) < MAX_BASE_CHAIN:
         parent = current[0]
         if parent in chain or parent == repo_id:
             break
         chain.append(parent)
         try:
-            current = _base_models(api.model_info(parent).card_data)
+            current = declared_base_models(api.model_info(parent).card_data)
         except HUB_ERRORS:
             break  # a private or deleted base ends the chain; what we have is still right
     return tuple(chain)

@@ -56,7 +56,8 @@ def compute_imatrix(toolchain: Toolchain, model: Path, settings: ImatrixSettings
     workdir = output.parent
     shutil.copyfile(settings.calibration, workdir / CALIBRATION_NAME)
     with atomic_output(output) as partial:
-        args = build_imatrix_args(toolchain, model, Path(CALIBRATION_NAME), settings, Path(partial.name))
+        args = build_imatrix_args(toolchain, model.resolve(), Path(CALIBRATION_NAME), settings,
+                                  Path(partial.name))
         run_tool(args, stage="imatrix", log_path=log_path, cwd=workdir, progress=progress)
         warn_if_gpu_unused(toolchain, log_path, "llama-imatrix")
         read_imatrix(partial)  # a file that does not parse must not be marked done

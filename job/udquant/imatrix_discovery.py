@@ -5,8 +5,9 @@ Order of preference (the first file that fits the model wins):
   2. bartowski/<Name>-GGUF: <Name>.imatrix (legacy or GGUF), <Name>.imatrix.gguf
   3. the distill's own repo: *.imatrix.gguf, *.imatrix, imatrix.dat
   4. repos that declare the distill as their base model (quantized derivatives), same names
-Each candidate is downloaded (a few MB) and checked against the model's tensor names and
-widths; one that does not fit is skipped with a note. The base model's imatrix is never
+1 and 2 are found by name only: one whose card declares another base_model is skipped. Each
+candidate is downloaded (a few MB) and checked against the model's tensor names and widths;
+one that does not fit is skipped with a note. The base model's imatrix is never
 used unless asked for (allow_base), and is then labelled as such.
 """
 
@@ -21,7 +22,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from udquant.errors import ImatrixMismatchError, InputError, UdquantError
 from udquant.gguf_header import GGUFHeader
-from udquant.hub import HUB_ERRORS
+from udquant.hub import HUB_ERRORS, declared_base_models
 from udquant.imatrix import Imatrix, check_imatrix_fits, read_imatrix
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class Candidate:
     origin: str  # "mradermacher", "bartowski", "own repo", "derivative"
     for_model: str  # whose imatrix it is
     is_base: bool = False
+    # The base_model its repo's card declares, for repos found by name only: another author's
+    # model of the same name (or the base, for a fine-tune that kept its name) has the same tensors.
+    declared_for: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -67,8 +71,13 @@ def candidates_for(api: HfApi, model_repo: str, *, is_base: bool = False) -> lis
         (f"bartowski/{name}-GGUF", [f"{name}.imatrix", f"{name}.imatrix.gguf"], "bartowski"),
     ]
     for repo_id, names, origin in places:
-        files = set(_files(api, repo_id))
-        found += [Candidate(repo_id, n, origin, model_repo, is_base) for n in names if n in files]
+        try:
+            info = api.model_info(repo_id)
+        except HUB_ERRORS:
+            continue
+        files = {sibling.rfilename for sibling in info.siblings or []}
+        declared = tuple(declared_base_models(info.card_data))
+        found += [Candidate(repo_id, n, origin, model_repo, is_base, declared) for n in names if n in files]
     own = _files(api, model_repo)
     found += [Candidate(model_repo, n, "own repo", model_repo, is_base) for n in sorted(own)
               if any(fnmatch.fnmatch(n, p) for p in OWN_REPO_PATTERNS)]
@@ -93,6 +102,9 @@ def find_imatrix(model_repo: str, base_models: tuple[str, ...], model: GGUFHeade
             candidates += candidates_for(api, base, is_base=True)
     skipped: list[str] = []
     for candidate in candidates:
+        if candidate.declared_for and candidate.for_model not in candidate.declared_for:
+            skipped.append(f"{candidate.label}: made for {', '.join(candidate.declared_for)} (its card's base_model)")
+            continue
         try:
             path = Path(hf_hub_download(candidate.repo_id, candidate.filename, local_dir=dest / candidate.repo_id,
                                         token=token))

@@ -17,7 +17,7 @@ from typing import Any
 from udquant.convert import convert_to_gguf
 from udquant.errors import InputError, RecipeError
 from udquant.evaluate import QuantEval
-from udquant.fetch import check_disk_space, fetch_model
+from udquant.fetch import bytes_in, check_disk_space, fetch_model, model_dir_for
 from udquant.gguf_header import GGUFHeader, read_gguf_header
 from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, compute_imatrix, read_imatrix
 from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
@@ -31,7 +31,7 @@ from udquant.recipe import QuantPlan, Recipe, find_recipe, load_recipe_ref, plan
 from udquant.resolve import ModelInfo, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
-from udquant.workdir import StageDir, open_stage
+from udquant.workdir import StageDir, find_stage, open_stage
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +89,22 @@ class Timings:
         logger.info("%s: %s in %.1f s", name, "reused" if entry["cached"] else "done", entry["seconds"])
 
 
-def _model_fingerprint(model: ModelInfo, model_dir: Path) -> dict[str, Any]:
+def _model_fingerprint(model: ModelInfo) -> dict[str, Any]:
     if model.repo_id:
         return {"repo_id": model.repo_id, "revision": model.revision}
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    assert model.local_dir is not None
+    files = sorted(p for p in model.local_dir.iterdir() if p.is_file())
     return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
 def _recipes_for(options: JobOptions, model: ModelInfo) -> list[Recipe]:
     if options.recipe != "auto":
-        if options.levels != (DEFAULT_LEVEL,) and len(options.levels) > 1:
-            raise InputError("--recipe names one recipe; give either --recipe or several --quant levels")
-        recipes = [load_recipe_ref(options.recipe)]
+        recipe = load_recipe_ref(options.recipe)
+        # --quant's default stands for "not given"; any other --quant must name the recipe's own level.
+        if options.levels not in ((DEFAULT_LEVEL,), (recipe.level,)):
+            raise InputError(f"--recipe {options.recipe} makes {recipe.level}, and --quant asks for "
+                             f"{', '.join(options.levels)}", hint="give either --recipe or --quant levels")
+        recipes = [recipe]
     else:
         recipes = [find_recipe(level, model.llama_arch) for level in options.levels]
     for recipe in recipes:
@@ -220,18 +224,22 @@ def run_job(options: JobOptions) -> JobResult:
                              token=options.token) if upload else None
     no_mtp = model.needs_no_mtp if options.no_mtp is None else options.no_mtp
     if model.needs_no_mtp:
-        logger.warning("config declares %d MTP layer(s) the weights lack: converting with --no-mtp",
-                       model.declared_mtp_layers)
+        logger.warning("config declares %d MTP layer(s) the weights lack: %s", model.declared_mtp_layers,
+                       "converting with --no-mtp" if no_mtp else "--mtp was given, so the converter will look for them")
     out_dir = options.out_dir or Path("udquant-out") / model.name
-    check_disk_space(options.work_dir, _estimate_bytes(model, recipes, model.repo_id is not None,
-                                                       options.eval_settings if options.evaluate else None),
-                     reserve=options.disk_reserve)
+    convert_inputs = {"model": _model_fingerprint(model), "no_mtp": no_mtp, "llama_cpp": toolchain.tree_sha256}
+    needed = _estimate_bytes(model, recipes, model.repo_id is not None,
+                             options.eval_settings if options.evaluate else None)
+    # A rerun after a kill needs no room for what the killed run already downloaded or converted.
+    already = bytes_in(model_dir_for(model, options.work_dir / "downloads")) if model.repo_id else 0
+    if (converted := find_stage(options.work_dir, "convert", convert_inputs).done_output()) is not None:
+        already += converted.stat().st_size
+    logger.debug("disk: about %d bytes needed, %d of them already here from an earlier run", needed, already)
+    check_disk_space(options.work_dir, max(needed - already, 0), reserve=options.disk_reserve)
 
     with timings.stage("fetch"):
         model_dir = fetch_model(model, options.work_dir / "downloads", token=options.token)
 
-    fingerprint = _model_fingerprint(model, model_dir)
-    convert_inputs = {"model": fingerprint, "no_mtp": no_mtp, "llama_cpp": toolchain.tree_sha256}
     convert_stage = open_stage(options.work_dir, "convert", convert_inputs)
 
     def convert(output: Path) -> Path:
@@ -266,7 +274,7 @@ def run_job(options: JobOptions) -> JobResult:
                                     options.eval_settings, options.work_dir, threads=options.threads,
                                     disk_reserve=options.disk_reserve)
     with timings.stage("output"):
-        outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages,
+        outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages, no_mtp=no_mtp,
                                 output_repo=target.repo_id if target else None, evals=evals,
                                 eval_settings=options.eval_settings if options.evaluate else None)
     publication = None
@@ -275,7 +283,8 @@ def run_job(options: JobOptions) -> JobResult:
         with timings.stage("publish"):
             files = _upload_files(options, toolchain, outputs)
             publication = publish(target, files, token=options.token, volatile=frozenset({outputs.result.name}),
-                                  message=f"udquant: {', '.join(lv.level for lv in levels)} of {model.source}")
+                                  message=f"udquant: {', '.join(lv.level for lv in levels)} of "
+                                          f"{model.repo_id or model.name}")
     return JobResult(out_dir, outputs.result, model, tuple(levels), timings.stages, publication)
 
 

@@ -97,9 +97,9 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
     tags = ["gguf", "ud-quant", "quantized", "udquant"]
     if imatrix["source"] != "none":
         tags.insert(1, "imatrix")
-    front = {
-        "base_model": model.repo_id or model.name,
-        "base_model_relation": "quantized",
+    # base_model must be a Hub model id: a local folder's name is none (and the Hub checks it).
+    front: dict[str, Any] = {"base_model": model.repo_id, "base_model_relation": "quantized"} if model.repo_id else {}
+    front |= {
         "library_name": "gguf",
         "tags": tags,
         "quantized_by": "udquant",
@@ -159,7 +159,7 @@ class OutputFiles:
 
 def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], imatrix: ImatrixUse,
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
-                  output_repo: str | None = None, evals: Sequence[QuantEval] = (),
+                  no_mtp: bool = False, output_repo: str | None = None, evals: Sequence[QuantEval] = (),
                   eval_settings: EvalSettings | None = None) -> OutputFiles:
     """Place verified files and write card and result JSON into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         "inputs": {"source": model.repo_id or model.name, "repo_id": model.repo_id,
                    "revision": model.revision, "hf_architecture": model.hf_architecture,
                    "llama_arch": model.llama_arch, "n_params": model.n_params,
-                   "no_mtp": model.needs_no_mtp},
+                   "no_mtp": no_mtp},
         "output_repo": output_repo,
         "llama_cpp": toolchain.describe(),
         "imatrix": imatrix_record,

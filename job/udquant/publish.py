@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import RepositoryNotFoundError
 
 from udquant.errors import HubError, InputError
 from udquant.hub import HUB_ERRORS, hub_error
@@ -19,6 +21,7 @@ from udquant.output import sha256_file
 from udquant.resolve import validate_repo_id
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
+from udquant.workdir import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +43,32 @@ class Publication:
 
 
 def plan_target(model_name: str, *, output_repo: str | None, private: bool, token: str | None) -> Target:
-    """Where results go; checks the token before any heavy work is done."""
+    """Where results go; checks the token and the repo before any heavy work is done."""
     if not token:
         raise InputError("uploading needs a Hugging Face token with write access in HF_TOKEN",
                          hint="set HF_TOKEN, or pass --no-upload to keep the results local")
+    api = HfApi(token=token)
     try:
-        user = HfApi(token=token).whoami()["name"]
+        me = api.whoami()
     except HUB_ERRORS as err:
         raise HubError("the Hub refused the token in HF_TOKEN", hint=f"check it has write access ({err})") from None
-    repo_id = output_repo or f"{user}/{model_name}-UD-GGUF"
-    return Target(validate_repo_id(repo_id), private)
+    # Fine-grained tokens say "fineGrained": their scopes are checked by the Hub when we write.
+    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise InputError("the token in HF_TOKEN is read-only: uploading needs write access",
+                         hint="use a token with the write role, or pass --no-upload to keep the results local")
+    repo_id = validate_repo_id(output_repo or f"{me['name']}/{model_name}-UD-GGUF")
+    if private:
+        # create_repo(private=True) leaves an existing repo as it is: never publish into a public one.
+        try:
+            public = not api.repo_info(repo_id).private
+        except RepositoryNotFoundError:
+            public = False
+        except HUB_ERRORS as err:
+            raise hub_error(repo_id, err) from None
+        if public:
+            raise InputError(f"--private, but {repo_id} already exists and is public",
+                             hint="make it private in its settings on the Hub, or choose another --output-repo")
+    return Target(repo_id, private)
 
 
 def git_blob_id(path: Path) -> str:
@@ -62,18 +81,24 @@ def git_blob_id(path: Path) -> str:
 
 
 def split_for_upload(toolchain: Toolchain, gguf: Path, dest: Path, split_bytes: int, *, log_path: Path) -> list[Path]:
-    """[gguf] when small enough, else its shards (written to dest, reused when present)."""
+    """[gguf] when small enough, else its shards, made in dest and reused only for the same file and size.
+
+    The shards live in dest/<stem>/<key>, key from the file's size and mtime (the output stage
+    replaces it whole) and the split size; a split that was cut short never gets that folder.
+    """
     if gguf.stat().st_size <= split_bytes:
         return [gguf]
-    dest.mkdir(parents=True, exist_ok=True)
-    prefix = dest / gguf.stem
-    shards = sorted(dest.glob(f"{gguf.stem}-*-of-*.gguf"))
-    if not shards:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{split_bytes}".encode()).hexdigest()[:12]
+    folder = dest / gguf.stem / key
+    if not folder.is_dir():
+        # Shards of an earlier file or split size, or of a split that was killed: a model's size each.
+        shutil.rmtree(folder.parent, ignore_errors=True)
         megabytes = max(1, split_bytes // 1_000_000)
-        run_tool([toolchain.tool("llama-gguf-split"), "--split", "--split-max-size", f"{megabytes}M", gguf, prefix],
-                 stage="publish", log_path=log_path)
-        shards = sorted(dest.glob(f"{gguf.stem}-*-of-*.gguf"))
-    return shards
+        with atomic_dir(folder) as staging:
+            run_tool([toolchain.tool("llama-gguf-split"), "--split", "--split-max-size", f"{megabytes}M", gguf,
+                      staging / gguf.stem], stage="publish", log_path=log_path)
+    return sorted(folder.glob(f"{gguf.stem}-*-of-*.gguf"))
 
 
 def _matches(path: Path, entry: object) -> bool:

@@ -116,9 +116,15 @@ def remove_stale_partials(path: Path) -> None:
                 partial.unlink(missing_ok=True)
 
 
-def open_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:
+def find_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:
+    """The stage folder for these inputs, without creating it."""
     key = input_key(inputs)
-    path = work_root / f"{stage}-{key}"
+    return StageDir(work_root / f"{stage}-{key}", stage, key)
+
+
+def open_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:
+    found = find_stage(work_root, stage, inputs)
+    key, path = found.key, found.path
     path.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     (path / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))

@@ -4,7 +4,9 @@ resolve, imatrix discovery, download, upload in one commit, and the token kept s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from huggingface_hub import ModelCard
 
 from tests.e2e.conftest import run_cli
 from udquant.gguf_header import read_gguf_header
+from udquant.library import data_file
 from udquant.tiny_model import TinySpec
 
 pytestmark = pytest.mark.e2e
@@ -23,24 +26,17 @@ DISTILL = "someone/Tiny-Distill"
 def imatrices(llama, odd_llama, toolchain, tmp_path_factory) -> dict[str, Path]:
     """Real imatrix files of the tiny llama (GGUF and legacy .dat) and of another model."""
     root = tmp_path_factory.mktemp("imatrices")
+    (root / "calibration.txt").write_text(data_file("calibration.txt").read_text())
+    converter_env = {**os.environ, "PYTHONPATH": str(toolchain.converter.parent / "gguf-py")}
     made = {}
     for name, model, fmt in (("gguf", llama, "gguf"), ("dat", llama, "dat"), ("other", odd_llama, "gguf")):
         bf16 = root / f"{name}-bf16.gguf"
-        subprocess.run([str(Path(toolchain.converter).parent.parent.parent.parent / "x") if False else
-                        __import__("sys").executable, toolchain.converter, model, "--outtype", "bf16",
-                        "--outfile", bf16], check=True, capture_output=True,
-                       env={**__import__("os").environ, "PYTHONPATH": str(toolchain.converter.parent / "gguf-py")})
+        subprocess.run([sys.executable, toolchain.converter, model, "--outtype", "bf16", "--outfile", bf16],
+                       check=True, capture_output=True, env=converter_env)
         out = root / f"{name}.imatrix.{fmt}"
         subprocess.run([toolchain.tool("llama-imatrix"), "-m", bf16, "-f", "calibration.txt", "-o", out.name,
                         "--output-format", fmt, "-c", "128", "--chunks", "4", "--no-ppl"], check=True,
-                       capture_output=True, cwd=root, input=None) if (root / "calibration.txt").exists() else None
-        if not out.exists():
-            from udquant.library import data_file
-
-            (root / "calibration.txt").write_text(data_file("calibration.txt").read_text())
-            subprocess.run([toolchain.tool("llama-imatrix"), "-m", bf16, "-f", "calibration.txt", "-o", out.name,
-                            "--output-format", fmt, "-c", "128", "--chunks", "4", "--no-ppl"], check=True,
-                           capture_output=True, cwd=root)
+                       capture_output=True, cwd=root)
         made[name] = out
     return made
 
@@ -95,6 +91,25 @@ def test_upload_in_one_commit_and_the_token_stays_secret(hub, llama, imatrices, 
     assert len(repo.commits) == 1
 
 
+def test_upload_settings_that_would_fail_or_leak_are_refused_before_any_work(hub, llama, tmp_path):
+    add_distill(hub, llama)
+    hub.state.tokens["hf_test_token_reader"] = "tester"
+    hub.state.read_only_tokens.add("hf_test_token_reader")
+    proc = job(cwd=tmp_path, token="hf_test_token_reader")
+    assert proc.returncode == 2 and "the token in HF_TOKEN is read-only" in proc.stderr
+    # --private cannot make an existing public repo private: publishing there would expose the files.
+    hub.state.add_repo("tester/Tiny-Distill-UD-GGUF", {"README.md": b"# mine"})
+    proc = job("--private", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--private, but tester/Tiny-Distill-UD-GGUF already exists and is public" in proc.stderr
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("convert-*"))
+    assert hub.state.repos["tester/Tiny-Distill-UD-GGUF"].commits == []
+    hub.state.repos["tester/Tiny-Distill-UD-GGUF"].private = True
+    proc = job("--private", "--quant", "UD-Q4_K_XL", "--imatrix", "none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(hub.state.repos["tester/Tiny-Distill-UD-GGUF"].commits) == 1
+
+
 def test_gated_repo_without_token(hub, llama, tmp_path):
     add_distill(hub, llama, gated=True)
     proc = job("--no-upload", cwd=tmp_path, token=None)
@@ -106,8 +121,36 @@ def test_missing_repo(hub, tmp_path):
     assert proc.returncode == 9 and "does not exist on the Hub" in proc.stderr
 
 
+def test_offline_mode_and_undescribable_weights_are_hub_errors_not_crashes(hub, llama, tmp_path):
+    add_distill(hub, llama)
+    proc = run_cli(DISTILL, "--no-upload", "--work-dir", tmp_path / "work", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 9, proc.stderr
+    assert f"{DISTILL} is on the Hub, and HF_HUB_OFFLINE is set" in proc.stderr
+    # Weights under a name the Hub's safetensors metadata API does not know (no model.safetensors).
+    files = {("consolidated.safetensors" if p.name == "model.safetensors" else p.name): p
+             for p in llama.iterdir() if p.is_file()}
+    hub.state.add_repo(DISTILL, files, card_data={})
+    proc = job("--no-upload", cwd=tmp_path, token=None)
+    assert proc.returncode == 9, proc.stderr
+    assert "safetensors weights cannot be described" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def imatrix_used(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "out" / "udquant-result.json").read_text())["imatrix"]
+
+
+def test_an_imatrix_made_for_another_model_of_the_same_name_is_skipped(hub, llama, imatrices, tmp_path):
+    add_distill(hub, llama)
+    # It fits (same tensors: the same tiny model), but its card says whose it is.
+    hub.state.add_repo("mradermacher/Tiny-Distill-i1-GGUF", {"Tiny-Distill.imatrix.gguf": imatrices["gguf"]},
+                       card_data={"base_model": "another-author/Tiny-Distill"})
+    hub.state.add_repo("bartowski/Tiny-Distill-GGUF", {"Tiny-Distill.imatrix": imatrices["dat"]},
+                       card_data={"base_model": DISTILL})
+    proc = job("--no-upload", cwd=tmp_path, token=None)
+    assert proc.returncode == 0, proc.stderr
+    assert ("mradermacher/Tiny-Distill-i1-GGUF/Tiny-Distill.imatrix.gguf (mradermacher): made for "
+            "another-author/Tiny-Distill") in proc.stderr
+    assert imatrix_used(tmp_path)["origin"] == "bartowski"
 
 
 def test_discovery_order_and_formats(hub, llama, imatrices, toolchain, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,8 +12,10 @@ import pytest
 from huggingface_hub import ModelCard
 
 from tests.e2e.conftest import FAST_IMATRIX, run_cli
+from udquant.errors import ToolError
 from udquant.gguf_header import read_gguf_header
 from udquant.output import sha256_file
+from udquant.publish import split_for_upload
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +23,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def llama_run(llama, toolchain, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama-run")
-    proc = run_cli(llama, "--work-dir", root / "work", "--out-dir", root / "out", *FAST_IMATRIX, cwd=root)
+    # Relative folders and toolchain, as a user types them: the tools run inside stage folders.
+    proc = run_cli(llama, "--work-dir", "work", "--out-dir", "out", *FAST_IMATRIX, cwd=root,
+                   env={"UDQUANT_LLAMA_CPP": os.path.relpath(toolchain.root, root)})
     assert proc.returncode == 0, proc.stderr
     return root, proc
 
@@ -63,7 +69,8 @@ def test_result_json_and_card(llama_run, toolchain):
     assert result["inputs"]["llama_arch"] == "llama" and result["inputs"]["n_params"] > 0
     assert {"convert", "imatrix", "quantize UD-Q5_K_XL"} <= set(result["timings"])
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model_relation == "quantized"
+    # A local folder has no Hub id to name as base_model (the Hub would refuse a folder name there).
+    assert "base_model" not in card.data.to_dict() and "base_model_relation" not in card.data.to_dict()
     assert {"gguf", "imatrix", "ud-quant"} <= set(card.data.tags)
     assert "q8_0: 2 tensors, q6_K: 4, q5_K: 24, f32: 9" in card.text
     assert (out / "tiny-llama-UD-Q5_K_XL.recipe.yaml").is_file()
@@ -75,6 +82,38 @@ def test_no_local_paths_leak_into_the_gguf(llama_run):
     assert metadata["quantize.imatrix.file"] == "imatrix.gguf"
     assert metadata["quantize.imatrix.dataset"] == "udquant-calibration.txt"
     assert not any(str(root) in str(value) for value in metadata.values())
+
+
+def test_large_files_are_split_for_upload_and_old_shards_never_reused(llama_run, toolchain, tmp_path):
+    root, _ = llama_run
+    gguf = tmp_path / "tiny-llama-UD-Q5_K_XL.gguf"
+    shutil.copyfile(root / "out" / gguf.name, gguf)
+    dest = tmp_path / "split"
+
+    def split(size: int) -> list[Path]:
+        return split_for_upload(toolchain, gguf, dest, size, log_path=tmp_path / "split.log")
+
+    assert split(gguf.stat().st_size) == [gguf]
+    shards = split(1_000_000)
+    count = len(shards)
+    assert count >= 2
+    assert [s.name for s in shards] == [f"{gguf.stem}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    held = sorted(t.name for shard in shards for t in read_gguf_header(shard).tensors)
+    assert held == sorted(t.name for t in read_gguf_header(gguf).tensors)
+    stamps = [s.stat().st_mtime_ns for s in shards]
+    assert split(1_000_000) == shards and [s.stat().st_mtime_ns for s in shards] == stamps  # reused
+
+    # A new file under the same name (a rerun with another recipe), or another size: split again.
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
+    again = split(1_000_000)
+    assert again[0].parent != shards[0].parent and not shards[0].exists()
+    assert split(2_000_000)[0].parent != again[0].parent and not again[0].exists()
+
+    # A split that fails leaves nothing behind that a rerun could upload.
+    gguf.write_bytes(b"GGUF" + b"\0" * 3_000_000)
+    with pytest.raises(ToolError):
+        split(1_000_000)
+    assert not list(dest.rglob("*.gguf"))
 
 
 def test_two_levels_convert_and_compute_the_imatrix_once(qwen3, toolchain, tmp_path):
@@ -144,6 +183,21 @@ def test_tool_failure_shows_its_output(llama_run, llama, tmp_path):
         if "tokens" in proc.stderr:
             break
     assert any("tokens" in stderr for stderr in stderrs), stderrs[-1]
+
+
+def test_a_rerun_needs_no_room_for_what_is_already_converted(llama_run, llama):
+    root, _ = llama_run
+    proc = run_cli(llama, "--work-dir", "work", "--out-dir", "out", *FAST_IMATRIX, "-v", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    bf16 = next((root / "work").glob("convert-*/model-bf16.gguf"))
+    assert f", {bf16.stat().st_size} of them already here" in proc.stderr
+
+
+def test_a_recipe_and_a_quant_level_that_disagree_are_refused(llama, tmp_path):
+    proc = run_cli(llama, "--recipe", "llama/UD-Q5_K_XL", "--quant", "UD-Q4_K_XL", "--work-dir", tmp_path / "work",
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--recipe llama/UD-Q5_K_XL makes UD-Q5_K_XL, and --quant asks for UD-Q4_K_XL" in proc.stderr
 
 
 def test_not_enough_disk(llama, toolchain, tmp_path):
