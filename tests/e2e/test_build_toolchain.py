@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -43,3 +44,15 @@ def test_a_prefix_with_another_build_is_refused_not_reused(prefix):
     (prefix / "toolchain.json").write_text(json.dumps(manifest))
     done = build("--prefix", str(prefix))
     assert done.returncode == 2 and "other settings" in done.stderr
+
+
+def test_the_cpu_build_is_portable(toolchain):
+    """No -march=native: no AVX-512 or AMX instructions, which the build machine may have and the next may not."""
+    manifest = json.loads((toolchain.root / "toolchain.json").read_text())
+    assert "-DGGML_NATIVE=OFF" in manifest["cmake_flags"]
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("the instruction check reads x86-64 code with objdump (binutils)")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(toolchain.root / "bin" / "llama-perplexity")],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "%ymm" in listing  # the x86-64-v3 baseline: AVX2
+    assert "%zmm" not in listing and "%tmm" not in listing

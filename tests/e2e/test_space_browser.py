@@ -94,7 +94,7 @@ def space(jobs: HubJobs, tmp_path: Path) -> Iterator[dict[str, Any]]:
                 if time.monotonic() > deadline:
                     pytest.fail(f"the Space did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
-            yield {"url": url, "log": log, "jobs": jobs, "github": github}
+            yield {"url": url, "log": log, "jobs": jobs, "github": github, "engine": engine}
         finally:
             process.terminate()
             try:
@@ -261,6 +261,42 @@ def test_dispatch_to_a_self_hosted_github_runner(space: dict[str, Any], page: An
     expect(page.locator("#job-status")).to_contain_text("completed", timeout=30_000)
     expect(page.locator("#job-link a")).to_have_attribute("href", "https://huggingface.co/me/Distill-8B-UD-GGUF")
     _shot(page, "09-github-completed")
+
+
+def test_local_docker_job_to_its_link_and_its_container_removed(space: dict[str, Any], page: Any) -> None:
+    from playwright.sync_api import expect
+
+    engine: FakeDockerEngine = space["engine"]
+    _fill_and_inspect(page, space["url"])
+    page.locator("#target").get_by_label("Local Docker").check()
+    page.locator("#submit").click()
+    expect(page.locator("#job-info")).to_contain_text("Started docker job", timeout=30_000)
+    expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
+    (container_id,) = engine.state.containers
+    create = next(body for _, path, body in engine.state.requests if path.startswith("/containers/create"))
+    assert create is not None and create["HostConfig"]["Binds"] == ["udquant-data:/data:rw"]
+    link = "https://huggingface.co/alice/Distill-8B-UD-GGUF"
+    engine.finish(container_id, 0, stdout=[link], stderr=["INFO verify: every tensor has the recipe's type"])
+    expect(page.locator("#job-status")).to_contain_text("completed", timeout=30_000)
+    expect(page.locator("#job-link a")).to_have_attribute("href", link)
+    assert container_id not in engine.state.containers  # removed once the result was shown
+    page.wait_for_timeout(2_500)  # later ticks change nothing: the handle was dropped with the container
+    expect(page.locator("#job-status")).to_contain_text("completed")
+    _shot(page, "10-docker-completed")
+    page.locator("#submit").click()  # the slot is free again
+    expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
+    assert len(engine.state.containers) == 1 and container_id not in engine.state.containers
+
+
+def test_a_sign_in_that_would_expire_before_the_upload_is_refused() -> None:
+    app = load_app_module()
+    now = 1_800_000_000.0
+    assert app.sign_in_too_short(None, now) is None
+    assert app.sign_in_too_short(now + 24 * 3600, now) is None
+    message = app.sign_in_too_short(now + 3 * 3600, now)
+    assert message and "expires in 3.0 h" in message and "sign in again" in message
+    assert app.config_from_env({"SPACE_ID": "me/udquant"}, "0.0.0.0", 7860).in_space
+    assert not app.config_from_env({}, "127.0.0.1", 7860).in_space
 
 
 # -- the test-token mode cannot be switched on in production ------------------------------------------

@@ -5,6 +5,7 @@ Only what the SDK calls for containers.run / get / logs / stop, images.pull and 
   POST /containers/create?name=   (404 "No such image" until the image was pulled)
   POST /containers/{id}/start, /containers/{id}/stop
   GET  /containers/{id}/json, /containers/{id}/logs (multiplexed stdout/stderr frames)
+  DELETE /containers/{id}         (409 while it runs, as without force)
   POST /images/create?fromImage=&tag=    GET /images/{name}/json
 Every request is recorded with its body; tests finish containers with `finish()`.
 """
@@ -75,6 +76,8 @@ class _Handler(JSONHandler):
                                "Os": "linux", "Arch": "amd64"})
         if path == "/containers/create" and self.command == "POST":
             return self._create(body or {}, query.get("name", ""))
+        if match := re.fullmatch(r"/containers/([^/]+)", path):
+            return self._remove(match.group(1)) if self.command == "DELETE" else self._message(405, "no")
         if match := re.fullmatch(r"/containers/([^/]+)/(json|start|stop|logs)", path):
             return self._container(match.group(1), match.group(2), query)
         if path == "/images/create" and self.command == "POST":
@@ -129,6 +132,16 @@ class _Handler(JSONHandler):
                           for stream, data in ((s, (line + "\n").encode()) for s, line in selected))
         self.send_body(200, frames, "application/vnd.docker.multiplexed-stream")
 
+    def _remove(self, container_id: str) -> None:
+        with self.state.lock:
+            container = self.state.containers.get(container_id)
+            if container is None:
+                return self._message(404, f"No such container: {container_id}")
+            if container["State"]["Running"]:
+                return self._message(409, f"cannot remove container {container_id}: container is running")
+            del self.state.containers[container_id]
+        self.send_body(204)
+
     def _pull(self, image: str, tag: str) -> None:
         with self.state.lock:
             self.state.images.add(f"{image}:{tag}")
@@ -173,10 +186,11 @@ class FakeDockerEngine:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def finish(self, container_id: str, exit_code: int, stdout: Sequence[str] = (), stderr: Sequence[str] = ()) -> None:
+    def finish(self, container_id: str, exit_code: int, stdout: Sequence[str] = (), stderr: Sequence[str] = (),
+               oom_killed: bool = False) -> None:
         """End a running container as the job would: stderr lines, then stdout (its last line the URL)."""
         with self.state.lock:
             output = self.state.output[container_id]
             output += [(2, line) for line in stderr] + [(1, line) for line in stdout]
             self.state.containers[container_id]["State"] = {"Status": "exited", "Running": False,
-                                                            "ExitCode": exit_code}
+                                                            "ExitCode": exit_code, "OOMKilled": oom_killed}

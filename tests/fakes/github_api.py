@@ -1,6 +1,9 @@
 """A fake GitHub REST API (the Actions endpoints udquant's github backend uses), over http on 127.0.0.1.
 
-  POST /repos/{o}/{r}/actions/workflows/{wf}/dispatches      204; the run appears after `run_delay` listings
+  POST /repos/{o}/{r}/actions/workflows/{wf}/dispatches      200 with the run's id when asked (return_run_details),
+                                                              as github.com; `run_details` plays older servers:
+                                                              "ignored" (204) or "rejected" (422). The run is
+                                                              listed after `run_delay` listings
   GET  /repos/{o}/{r}/actions/workflows/{wf}/runs?event=...   newest first, like GitHub
   GET  /repos/{o}/{r}/actions/runs/{id}                       the run
   GET  /repos/{o}/{r}/actions/runs/{id}/jobs                  its jobs
@@ -51,6 +54,7 @@ class GitHubState:
         self.runs: dict[int, FakeRun] = {}
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []
         self.run_delay = 1  # listings after a dispatch before its run is listed (GitHub is eventually consistent)
+        self.run_details = "returned"  # "ignored", "rejected": a server without return_run_details
         self.ids = itertools.count(1000)
         self.lock = threading.Lock()
 
@@ -96,10 +100,19 @@ class _Handler(JSONHandler):
     def _dispatch(self, repository: str, workflow: str, body: dict[str, Any]) -> None:
         if "ref" not in body:
             return self.send_json({"message": "Invalid request: ref is missing"}, 422)
+        wants_details = body.get("return_run_details") is True
+        if wants_details and self.state.run_details == "rejected":
+            return self.send_json({"message": "Invalid request.\n\n\"return_run_details\" is not a permitted key."},
+                                  422)
         run_id = next(self.state.ids)
         with self.state.lock:
-            self.state.runs[run_id] = FakeRun(run_id, repository, workflow, body["ref"], body.get("inputs") or {},
-                                              job_id=run_id * 10, visible_after=self.state.run_delay)
+            run = FakeRun(run_id, repository, workflow, body["ref"], body.get("inputs") or {},
+                          job_id=run_id * 10, visible_after=self.state.run_delay)
+            self.state.runs[run_id] = run
+        if wants_details and self.state.run_details == "returned":
+            return self.send_json({"workflow_run_id": run_id,
+                                   "run_url": f"{self.base_url}/api/repos/{repository}/actions/runs/{run_id}",
+                                   "html_url": run.payload(self.base_url)["html_url"]})
         self.send_body(204)
 
     def _list(self, repository: str, workflow: str, query: dict[str, list[str]]) -> None:

@@ -17,13 +17,27 @@ from tests.fakes.github_api import FakeGitHub
 from tests.fakes.hub_jobs import HubJobs
 from tests.fakes.hub_models import add_distill
 from tests.hubserver import HubServer
-from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, link_from_logs, make_request, redact
-from udquant.dispatch.cli import add_dispatch_command
+from udquant.dispatch.base import (
+    DispatchError,
+    DispatchRequest,
+    JobHandle,
+    JobStatus,
+    link_from_logs,
+    make_request,
+    redact,
+)
+from udquant.dispatch.cli import add_dispatch_command, follow
 from udquant.dispatch.docker_backend import DockerBackend, engine_available
 from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, eval_cost, output_bytes
 from udquant.dispatch.github import GitHubBackend
 from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
-from udquant.dispatch.job_command import build_job_args, build_workflow_inputs, default_image, image_tag
+from udquant.dispatch.job_command import (
+    build_job_args,
+    build_workflow_inputs,
+    default_image,
+    image_name,
+    image_tag,
+)
 from udquant.dispatch.preview import inspect_repo
 from udquant.dispatch.queue import JobRegistry, QueueLimitError
 from udquant.errors import InputError
@@ -96,6 +110,9 @@ def test_job_args_parse_with_the_jobs_own_parser(request_two_levels: DispatchReq
 
 def test_image_tag() -> None:
     assert image_tag("ghcr.io/udquant/udquant-job:0.1.0") == "0.1.0"
+    assert image_name("ghcr.io/udquant/udquant-job:0.1.0") == "ghcr.io/udquant/udquant-job"
+    assert image_name("localhost:5000/udquant-job:1.2@sha256:" + "0" * 64) == "localhost:5000/udquant-job"
+    assert image_name("localhost:5000/udquant-job") == "localhost:5000/udquant-job"
     assert image_tag("localhost:5000/udquant-job") == "latest"
     assert image_tag("localhost:5000/udquant-job:1.2@sha256:" + "0" * 64) == "1.2"
 
@@ -201,6 +218,9 @@ def test_estimate_sizes_and_small_disk() -> None:
     tiny_disk = Hardware("x", "X", 4, 16e9, 20e9, "L4", 1, 24e9, 0.01)
     (estimate,) = estimate_flavors([tiny_disk], 8_000_000_000, [5_500_000_000])
     assert not estimate.fits and "disk" in estimate.note
+    slow = Hardware("t4", "T4", 4, 16e9, 0, "T4", 1, 16e9, 0.01)  # three levels of 400 B on one T4: past 8 h
+    (estimate,) = estimate_flavors([slow], 400_000_000_000, [275_000_000_000] * 3)
+    assert estimate.minutes > 8 * 60 and not estimate.fits and "past the 8 h time limit" in estimate.note
 
 
 def test_inspect_reads_architecture_params_base_model_and_recipes(jobs: HubJobs, hub: HubServer) -> None:
@@ -233,9 +253,10 @@ def test_docker_pulls_and_runs_with_all_gpus_cache_volume_and_token_in_env_only(
     assert create["Cmd"] == JOB_ARGS
     assert create["HostConfig"]["DeviceRequests"] == [
         {"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
-    assert create["HostConfig"]["Binds"] == ["udquant-hf-cache:/cache/huggingface:rw"]
-    assert sorted(create["Env"]) == sorted(["HF_HOME=/cache/huggingface", "UDQUANT_NO_PROGRESS=1",
-                                            "HF_HUB_DISABLE_TELEMETRY=1", f"HF_TOKEN={HF_TOKEN}"])
+    # The volume the README and quantize.yml mount: the image's HF_HOME and work dir live in it.
+    assert create["HostConfig"]["Binds"] == ["udquant-data:/data:rw"]
+    assert sorted(create["Env"]) == sorted(["UDQUANT_NO_PROGRESS=1", "HF_HUB_DISABLE_TELEMETRY=1",
+                                            f"HF_TOKEN={HF_TOKEN}"])
     assert create["Labels"] == {"org.udquant.job": "udquant-job", "org.udquant.version": "0.1.0",
                                 "org.udquant.repo": "someone/Distill-8B",
                                 "org.udquant.output-repo": "alice/Distill-8B-UD-GGUF"}
@@ -248,6 +269,8 @@ def test_docker_pulls_and_runs_with_all_gpus_cache_volume_and_token_in_env_only(
     assert backend.logs(handle, tail=2) == ["INFO verify: every tensor has the recipe's type",
                                             "https://huggingface.co/alice/Distill-8B-UD-GGUF"]
     assert backend.result_link(handle) == "https://huggingface.co/alice/Distill-8B-UD-GGUF"
+    backend.release(handle)  # the result is read: the container goes, the volume stays
+    assert handle.job_id not in engine.state.containers
     assert HF_TOKEN not in caplog.text
 
 
@@ -265,9 +288,17 @@ def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: D
     assert backend.status(failing).state == "failed"
     assert HF_TOKEN not in "\n".join(backend.logs(failing))  # redacted even if the job printed it
     assert backend.result_link(failing) is None
+    backend.release(failing)
+    assert failing.job_id in engine.state.containers  # kept for `docker logs`
     with pytest.raises(DispatchError) as caught:
         backend.status(JobHandle("docker", "nope", "", None))
     assert caught.value.status_code == 404
+    running = backend.start(request_two_levels)
+    with pytest.raises(DispatchError, match="still running"):
+        backend.release(running)
+    engine.finish(running.job_id, 137, stderr=["INFO quantize: UD-Q5_K_XL"], oom_killed=True)
+    status = backend.status(running)
+    assert status.state == "failed" and "OOMKilled" in status.detail  # the kernel killed it: not a cancel
 
 
 def test_docker_engine_detection(engine: FakeDockerEngine, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -279,10 +310,10 @@ def test_docker_engine_detection(engine: FakeDockerEngine, monkeypatch: pytest.M
 
 
 # -- GitHub -------------------------------------------------------------------------------------------
-def test_github_dispatches_quantize_workflow_and_finds_its_run(github: FakeGitHub,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_github_dispatches_quantize_workflow_and_follows_its_run(github: FakeGitHub,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    github.state.run_delay = 2  # the new run is listed only on the third look
+    github.state.run_delay = 2  # listed late: the run's id must come from the dispatch's answer
     request = make_request("someone/Distill-8B", None, levels=["UD-Q5_K_XL", "UD-Q4_K_XL"], imatrix="auto")
     backend = GitHubBackend(GH_TOKEN, "me/udquant-runner", api_url=github.url, poll_interval=0.01)
     handle = backend.start(request)
@@ -290,16 +321,16 @@ def test_github_dispatches_quantize_workflow_and_finds_its_run(github: FakeGitHu
     assert [(method, path) for method, path, _, _ in dispatches] == [
         ("POST", "/repos/me/udquant-runner/actions/workflows/quantize.yml/dispatches")]
     _, _, headers, body = dispatches[0]
-    assert body == {"ref": "main", "inputs": {"repo": "someone/Distill-8B", "levels": "UD-Q5_K_XL UD-Q4_K_XL",
-                                              "recipe": "auto", "imatrix": "auto", "private": "false", "eval": "false",
-                                              "image-tag": "0.1.0"}}
+    assert body == {"ref": "main", "return_run_details": True,
+                    "inputs": {"repo": "someone/Distill-8B", "levels": "UD-Q5_K_XL UD-Q4_K_XL",
+                               "recipe": "auto", "imatrix": "auto", "private": "false", "eval": "false",
+                               "image-tag": "0.1.0"}}
     assert headers["Authorization"] == f"Bearer {GH_TOKEN}"
     assert headers["X-GitHub-Api-Version"] == "2022-11-28"
-    listings = [p for m, p, _, _ in github.state.requests if "/runs?" in p]
-    assert all("event=workflow_dispatch" in p for p in listings) and len(listings) >= 3
     (run,) = github.state.runs.values()
     assert handle == JobHandle("github", str(run.id), "me/udquant-runner", None,
                                f"{github.url}/me/udquant-runner/actions/runs/{run.id}")
+    assert "did not say which run" not in caplog.text
     assert backend.status(handle).state == "running"
     assert "appears when it has finished" in backend.logs(handle)[0]
     assert backend.result_link(handle) is None
@@ -310,6 +341,32 @@ def test_github_dispatches_quantize_workflow_and_finds_its_run(github: FakeGitHu
     assert backend.logs(handle)[-3].endswith("https://huggingface.co/me/X-UD-GGUF")
     assert backend.result_link(handle) == "https://huggingface.co/me/X-UD-GGUF"
     assert GH_TOKEN not in caplog.text
+
+
+def test_github_dispatches_in_quick_succession_follow_their_own_runs(github: FakeGitHub) -> None:
+    github.state.run_delay = 3  # neither run is listed yet when the other dispatch looks
+    backend = GitHubBackend(GH_TOKEN, "me/runner", api_url=github.url, poll_interval=0.01)
+    first = backend.start(make_request("someone/First-8B", None))
+    second = backend.start(make_request("someone/Second-8B", None))
+    assert first.job_id != second.job_id
+    assert github.state.runs[int(first.job_id)].inputs["repo"] == "someone/First-8B"
+    assert github.state.runs[int(second.job_id)].inputs["repo"] == "someone/Second-8B"
+
+
+@pytest.mark.parametrize("server", ["ignored", "rejected"])
+def test_github_server_without_run_details_falls_back_to_the_new_run(github: FakeGitHub, server: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    github.state.run_details = server
+    github.state.run_delay = 2  # the new run is listed only on the third look
+    backend = GitHubBackend(GH_TOKEN, "me/runner", api_url=github.url, poll_interval=0.01)
+    handle = backend.start(make_request("someone/Distill-8B", None))
+    (run,) = github.state.runs.values()
+    assert handle.job_id == str(run.id) and handle.url == f"{github.url}/me/runner/actions/runs/{run.id}"
+    posts = [body for method, _, _, body in github.state.requests if method == "POST"]
+    assert [("return_run_details" in body) for body in posts] == ([True] if server == "ignored" else [True, False])
+    listings = [p for m, p, _, _ in github.state.requests if "/runs?" in p]
+    assert all("event=workflow_dispatch" in p for p in listings) and len(listings) >= 3
+    assert "did not say which run" in caplog.text
 
 
 def test_github_cancel_failure_and_errors(github: FakeGitHub) -> None:
@@ -326,12 +383,18 @@ def test_github_cancel_failure_and_errors(github: FakeGitHub) -> None:
     assert caught.value.status_code == 401 and "ghp_wrong" not in str(caught.value)
     with pytest.raises(DispatchError, match="output repo"):
         backend.start(make_request("someone/Distill-8B", "alice"))
+    with pytest.raises(DispatchError, match="only its tag can be chosen"):  # the workflow would run another image
+        backend.start(make_request("someone/Distill-8B", None, image="registry.example/other-job:0.1.0"))
+    own = backend.start(make_request("someone/Distill-8B", None, image="ghcr.io/me/udquant-job:0.2.0-rc1"))
+    assert github.state.runs[int(own.job_id)].inputs["image-tag"] == "0.2.0-rc1"
     for bad in ("me", "me/runner/x", "-me/runner", "me/../x"):
         with pytest.raises(DispatchError):
             GitHubBackend(GH_TOKEN, bad, api_url=github.url)
     with pytest.raises(DispatchError):
         GitHubBackend(GH_TOKEN, "me/runner", workflow="../quantize.yml")
-    github.state.run_delay = 10**6
+    for run in github.state.runs.values():  # the runs started above are all listed by now
+        run.visible_after = 0
+    github.state.run_details, github.state.run_delay = "ignored", 10**6
     with pytest.raises(DispatchError, match="no new run"):
         GitHubBackend(GH_TOKEN, "me/runner", api_url=github.url, find_timeout=0.05, poll_interval=0.01).start(request)
 
@@ -359,6 +422,27 @@ def test_one_running_job_per_user() -> None:
     assert registry.active("carol") is None
 
 
+def test_a_previous_job_that_cannot_be_checked() -> None:
+    registry = JobRegistry()
+    first, second = JobHandle("docker", "c1", "unix://", None), JobHandle("docker", "c2", "unix://", None)
+    registry.submit("dave", lambda h: True, lambda: first)
+
+    def gone(handle: JobHandle) -> bool:
+        raise DispatchError("docker", f"containers.get: No such container: {handle.job_id}", status_code=404)
+
+    assert registry.submit("dave", gone, lambda: second) == second  # removed elsewhere: not running
+    assert registry.active("dave") == second
+
+    def unreachable(handle: JobHandle) -> bool:
+        raise DispatchError("github", "a GitHub token is needed", hint="set GITHUB_TOKEN (actions: write)")
+
+    with pytest.raises(DispatchError, match="cannot tell whether your previous job c2 still runs") as caught:
+        registry.submit("dave", unreachable, lambda: first)
+    assert caught.value.hint == "set GITHUB_TOKEN (actions: write)"
+    assert str(caught.value).count("github:") == 1
+    assert registry.active("dave") == second
+
+
 # -- the CLI adapter ----------------------------------------------------------------------------------
 def _dispatch_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="udquant")
@@ -379,6 +463,78 @@ def test_cli_dispatch_hf_jobs_wait_prints_link_last(jobs: HubJobs, hub: HubServe
     assert HF_TOKEN not in out + err
     (spec,) = jobs.created
     assert spec["flavor"] == "h200" and spec["secrets"] == {"HF_TOKEN": HF_TOKEN}
+
+
+class ScriptedBackend:
+    """A backend whose status answers are given in advance: an answer, or an error to raise."""
+
+    name = "scripted"
+
+    def __init__(self, looks: list[JobStatus | DispatchError]) -> None:
+        self.looks = looks
+        self.released: list[JobHandle] = []
+
+    def status(self, handle: JobHandle) -> JobStatus:
+        look = self.looks.pop(0) if len(self.looks) > 1 else self.looks[0]
+        if isinstance(look, DispatchError):
+            raise look
+        return look
+
+    def logs(self, handle: JobHandle, tail: int = 50) -> list[str]:
+        return ["INFO upload: done", "https://hub.example/alice/X-UD-GGUF"]
+
+    def result_link(self, handle: JobHandle) -> str | None:
+        return "https://hub.example/alice/X-UD-GGUF"
+
+    def release(self, handle: JobHandle) -> None:
+        self.released.append(handle)
+
+
+def _wait_args(**changes: object) -> argparse.Namespace:
+    return argparse.Namespace(**({"poll": 0.0, "wait_timeout": None, "tail": 5} | changes))
+
+
+def test_wait_looks_again_after_passing_failures(capsys: pytest.CaptureFixture[str],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    handle = JobHandle("scripted", "j1", "here", None)
+    bad_gateway = DispatchError("scripted", "inspect_job failed: 502 Bad Gateway", status_code=502)
+    no_answer = DispatchError("scripted", "inspect_job failed: connection reset")
+    backend = ScriptedBackend([JobStatus("running"), bad_gateway, no_answer, bad_gateway,
+                               JobStatus("running"), JobStatus("completed")])
+    assert follow(backend, handle, _wait_args()) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "https://hub.example/alice/X-UD-GGUF"
+    assert "looking again, 3 of 5" in caplog.text
+    assert backend.released == [handle]
+
+
+@pytest.mark.parametrize("failure", [
+    DispatchError("scripted", "inspect_job failed: 401 Unauthorized", status_code=401),  # no use looking again
+    DispatchError("scripted", "inspect_job failed: 503", status_code=503),  # still failing after five more looks
+])
+def test_wait_gives_up_on_lasting_failures(failure: DispatchError) -> None:
+    backend = ScriptedBackend([JobStatus("running"), failure])
+    with pytest.raises(DispatchError, match="inspect_job failed"):
+        follow(backend, JobHandle("scripted", "j1", "here", None), _wait_args())
+    assert backend.released == []
+
+
+def test_wait_timeout_leaves_the_job_running() -> None:
+    backend = ScriptedBackend([JobStatus("running")])
+    handle = JobHandle("scripted", "j1", "here", None, url="https://jobs.example/j1")
+    with pytest.raises(DispatchError, match="has not ended after --wait-timeout") as caught:
+        follow(backend, handle, _wait_args(poll=0.01, wait_timeout=0.001))
+    assert caught.value.hint == "https://jobs.example/j1"
+    assert backend.released == []
+    with pytest.raises(SystemExit):
+        _dispatch_parser().parse_args(["dispatch", "--backend", "docker", "a/b", "--wait", "--wait-timeout", "0"])
+
+
+def test_a_failed_job_is_released_and_reported() -> None:
+    backend = ScriptedBackend([JobStatus("failed", "exit code 5")])
+    handle = JobHandle("scripted", "j1", "here", None)
+    with pytest.raises(DispatchError, match="ended failed: exit code 5"):
+        follow(backend, handle, _wait_args())
+    assert backend.released == [handle]
 
 
 def test_cli_needs_tokens_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

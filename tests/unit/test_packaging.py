@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from udquant import cli, toolchain
-from udquant.dispatch.base import make_request
+from udquant.dispatch.base import default_image, make_request
 from udquant.dispatch.job_command import build_job_args, build_workflow_inputs
 from udquant.resolve import REPO_ID
 
@@ -165,6 +165,15 @@ def test_image_versions_follow_the_project():
     assert f"torch=={defaults['TORCH_VERSION']}" in (WORKFLOW_DIR / "ci.yml").read_text()
 
 
+def test_the_default_image_is_the_one_image_yml_pushes():
+    """dispatch runs IMAGE_REPOSITORY:<version>; image.yml pushes <owner>/udquant-job:<version> on a v<version> tag."""
+    (meta,) = [step for step in load_workflow(WORKFLOW_DIR / "image.yml")["jobs"]["image"]["steps"]
+               if step.get("id") == "meta"]
+    pushed = meta["with"]["images"].replace("${{ github.repository_owner }}", "udquant")
+    assert default_image() == f"{pushed}:{pyproject()['project']['version']}"
+    assert "type=semver,pattern={{version}}" in meta["with"]["tags"]
+
+
 def test_image_entrypoint_is_the_job_console_script():
     entrypoints = [rest for keyword, rest in dockerfile_instructions() if keyword == "ENTRYPOINT"]
     assert [json.loads(rest) for rest in entrypoints] == [["udquant-job"]]
@@ -236,7 +245,8 @@ def run_step(step: dict, tmp_path: Path, inputs: dict[str, object], secrets: dic
                 workflow_triggers(load_workflow(QUANTIZE))["workflow_dispatch"]["inputs"].items()}
     env = {
         "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-        "GITHUB_REPOSITORY": "Owner/UdQuant", "GITHUB_WORKSPACE": str(ROOT), "RUNNER_TEMP": str(tmp_path),
+        "GITHUB_REPOSITORY": "Owner/UdQuant", "GITHUB_REPOSITORY_OWNER": "Owner", "GITHUB_WORKSPACE": str(ROOT),
+        "RUNNER_TEMP": str(tmp_path),
         "GITHUB_OUTPUT": str(tmp_path / "output"), "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
         "FAKE_DOCKER_DIR": str(tmp_path), "FAKE_DOCKER_RESULT": RESULT_LINE,
     }
@@ -275,11 +285,12 @@ def test_quantize_defaults_reach_the_job(tmp_path):
                     {"HF_TOKEN": FAKE_TOKEN})
     assert done.returncode == 0, done.stderr
     docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
-    assert image == "ghcr.io/owner/udquant:latest"
+    assert image == "ghcr.io/owner/udquant-job:latest"
     assert {"--rm", "--gpus", "all", "udquant-data:/data"} <= set(docker_options)
-    assert job_args == ["owner/Distill-7B", "--quant", "UD-Q5_K_XL", "--imatrix", "compute"]
+    assert job_args == ["owner/Distill-7B", "--quant", "UD-Q5_K_XL", "--imatrix", "compute", "--upload"]
     args = parse_job_args(job_args)
-    assert (args.source, args.levels, args.imatrix) == ("owner/Distill-7B", ["UD-Q5_K_XL"], "compute")
+    assert (args.source, args.levels, args.imatrix, args.upload) == ("owner/Distill-7B", ["UD-Q5_K_XL"], "compute",
+                                                                     True)
     assert done.stdout.splitlines()[-1] == RESULT_LINE
 
 
@@ -289,7 +300,7 @@ def test_quantize_inputs_reach_the_job(tmp_path):
     done = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path, inputs)
     assert done.returncode == 0, done.stderr
     docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
-    assert image == "ghcr.io/owner/udquant:0.1.0"
+    assert image == "ghcr.io/owner/udquant-job:0.1.0"
     assert f"{ROOT}/recipes/generic/UD-Q4_K_XL.yaml:/run/udquant/recipe.yaml:ro" in docker_options
     assert "--private" in job_args
     args = parse_job_args(job_args)
@@ -409,5 +420,20 @@ def test_dispatched_inputs_are_declared_and_mean_the_same_to_the_job(tmp_path):
     _, image, job_args = split_docker_run(docker_argv(tmp_path))
     assert image.endswith(f":{inputs['image-tag']}")
     received, direct = parse_job_args(job_args), parse_job_args(build_job_args(request)[1:])
-    for option in ("source", "levels", "recipe", "imatrix", "private", "evaluate"):
+    for option in ("source", "levels", "recipe", "imatrix", "private", "evaluate", "upload"):
         assert getattr(received, option) == getattr(direct, option), option
+
+
+# --- the Space ---------------------------------------------------------------------------------
+def test_space_installs_this_release_with_the_space_extra():
+    """The Space dispatches this release's image, so it must run this release's code and pins."""
+    lines = [line.strip() for line in (ROOT / "space" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    project = pyproject()["project"]
+    assert f"udquant @ git+https://github.com/udquant/udquant@v{project['version']}" in lines
+    assert set(project["optional-dependencies"]["space"]) <= set(lines)
+    header = (ROOT / "space" / "README.md").read_text().split("---")[1]
+    card = yaml.safe_load(header)
+    gradio_pin = next(dep for dep in project["optional-dependencies"]["space"] if dep.startswith("gradio"))
+    assert gradio_pin.endswith(f"=={card['sdk_version']}")
+    assert card["app_file"] == "app.py" and (ROOT / "space" / card["app_file"]).is_file()

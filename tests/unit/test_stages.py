@@ -194,7 +194,11 @@ def test_cached_cuda_build_is_preferred_only_with_a_driver(tmp_path, monkeypatch
     shutil.rmtree(cpu)
     with pytest.raises(ToolchainError, match="only CUDA builds .* no NVIDIA driver here"):
         find_toolchain()
-    monkeypatch.setenv("UDQUANT_LLAMA_CPP", str(cuda))  # an explicit choice is taken as is
+    monkeypatch.setenv("UDQUANT_LLAMA_CPP", str(cuda))  # the image's choice: refused before any work
+    with pytest.raises(ToolchainError, match="is a CUDA build of llama.cpp and the NVIDIA driver is not here") as err:
+        find_toolchain()
+    assert "--gpus all" in str(err.value.hint)
+    monkeypatch.setattr(toolchain_module, "nvidia_driver_present", lambda: True)
     assert find_toolchain().root == cuda
 
 

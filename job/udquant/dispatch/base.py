@@ -150,6 +150,10 @@ class Backend(Protocol):
 
     def result_link(self, handle: JobHandle) -> str | None: ...
 
+    def release(self, handle: JobHandle) -> None:
+        """Free what an ended job still holds once its result has been read (Docker: the container)."""
+        ...
+
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """Text with every secret replaced, for anything that is shown or logged."""

@@ -21,6 +21,7 @@ from udquant.dispatch.base import (
     DispatchError,
     DispatchRequest,
     JobHandle,
+    JobStatus,
     make_request,
 )
 from udquant.dispatch.job_command import default_image
@@ -30,6 +31,7 @@ from udquant.resolve import validate_repo_id
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = "UD-Q5_K_XL"
+POLL_RETRIES = 5  # failed status looks in a row that --wait tolerates (network, 429, 5xx)
 
 
 def _env_token(name: str, backend: str) -> str:
@@ -79,23 +81,54 @@ def request_from_args(args: argparse.Namespace) -> DispatchRequest:
                         evaluate=args.evaluate)
 
 
+def _minutes(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of minutes")
+    return value
+
+
+def _passing(err: DispatchError) -> bool:
+    """A failure that may be gone at the next look: no answer, rate limited, or a server error."""
+    return err.status_code is None or err.status_code == 429 or err.status_code >= 500
+
+
+def _watch(backend: Backend, handle: JobHandle, poll: float, timeout_minutes: float | None) -> JobStatus:
+    """The job's final status; passing failures of the backend are retried, a few in a row at most."""
+    deadline = time.monotonic() + timeout_minutes * 60 if timeout_minutes else None
+    last, failures = "", 0
+    while True:
+        try:
+            status = backend.status(handle)
+            failures = 0
+        except DispatchError as err:
+            failures += 1
+            if not _passing(err) or failures > POLL_RETRIES:
+                raise
+            logger.warning("%s (looking again, %d of %d)", err, failures, POLL_RETRIES)
+        else:
+            if status.state != last:
+                print(f"{handle.job_id}: {status.state} {status.detail}".rstrip(), file=sys.stderr)
+                last = status.state
+            if status.terminal:
+                return status
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DispatchError(backend.name, f"job {handle.job_id} has not ended after --wait-timeout "
+                                              f"{timeout_minutes:g} min; it goes on running",
+                                hint=handle.url or "cancel it where it runs if it is stuck")
+        time.sleep(poll)
+
+
 def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
     """Poll until the job ends; the link of the uploaded repo is the last stdout line."""
-    handle_id = handle.job_id
-    last = ""
-    while True:
-        status = backend.status(handle)
-        if status.state != last:
-            print(f"{handle_id}: {status.state} {status.detail}".rstrip(), file=sys.stderr)
-            last = status.state
-        if status.terminal:
-            break
-        time.sleep(args.poll)
+    status = _watch(backend, handle, args.poll, args.wait_timeout)
     for line in backend.logs(handle, tail=args.tail):
         print(line, file=sys.stderr)
     if status.state != "completed":
-        raise DispatchError(backend.name, f"job {handle_id} ended {status.state}: {status.detail}")
+        backend.release(handle)
+        raise DispatchError(backend.name, f"job {handle.job_id} ended {status.state}: {status.detail}")
     link = backend.result_link(handle)
+    backend.release(handle)
     if link:
         print(link)
     return 0
@@ -139,6 +172,8 @@ def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         help="github: API base URL (default: $GITHUB_API_URL or https://api.github.com)")
     parser.add_argument("--wait", action="store_true", help="follow the job; print the output repo's URL at the end")
     parser.add_argument("--poll", type=float, default=15.0, help="seconds between status checks with --wait")
+    parser.add_argument("--wait-timeout", type=_minutes, metavar="MINUTES",
+                        help="with --wait: give up following after this long (the job goes on); default: no limit")
     parser.add_argument("--tail", type=int, default=40, help="log lines shown at the end with --wait")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.set_defaults(func=dispatch_command)

@@ -28,10 +28,13 @@ from udquant.dispatch.job_command import build_job_args
 logger = logging.getLogger(__name__)
 
 NAME = "docker"
-HF_CACHE_VOLUME = "udquant-hf-cache"
-HF_CACHE_PATH = "/cache/huggingface"
+# The image keeps the HF cache, the work dir and the results under /data (HF_HOME=/data/hf); a new
+# named volume starts as a copy of the image's /data, owned by the job's user. The README and
+# quantize.yml mount the same volume, so every way of running shares downloads and resumable work.
+DATA_VOLUME = "udquant-data"
+DATA_PATH = "/data"
 LABEL_PREFIX = "org.udquant"
-JOB_ENV = {"HF_HOME": HF_CACHE_PATH, "UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def gpu_request() -> docker.types.DeviceRequest:
@@ -89,7 +92,7 @@ class DockerBackend:
             "detach": True,
             "name": f"udquant-{uuid.uuid4().hex[:12]}",
             "device_requests": [gpu_request()],
-            "volumes": {HF_CACHE_VOLUME: {"bind": HF_CACHE_PATH, "mode": "rw"}},
+            "volumes": {DATA_VOLUME: {"bind": DATA_PATH, "mode": "rw"}},
             "environment": {**JOB_ENV, "HF_TOKEN": self._token},
             "labels": {f"{LABEL_PREFIX}.job": "udquant-job", f"{LABEL_PREFIX}.version": __version__,
                        f"{LABEL_PREFIX}.repo": request.repo_id, f"{LABEL_PREFIX}.output-repo": request.output_repo},
@@ -115,6 +118,8 @@ class DockerBackend:
         if status in ("running", "paused"):
             return JobStatus("running", status)
         code = int(state.get("ExitCode", -1))
+        if state.get("OOMKilled"):
+            return JobStatus("failed", f"killed for lack of memory (OOMKilled), exit code {code}")
         if code == 0:
             return JobStatus("completed", "exited 0")
         if code in (130, 137, 143) and status == "exited":  # stopped by us (SIGTERM/SIGKILL) or interrupted
@@ -138,3 +143,19 @@ class DockerBackend:
         if self.status(handle).state != "completed":
             return None
         return link_from_logs(self.logs(handle, tail=20)) or f"{constants.ENDPOINT}/{handle.output_repo}"
+
+    def release(self, handle: JobHandle) -> None:
+        """Remove an ended job's container once its result has been read; a failed one is kept for `docker logs`.
+
+        The volume stays: it holds the cache, the resumable work and the results.
+        """
+        status = self.status(handle)
+        if not status.terminal:
+            raise DispatchError(NAME, f"container {handle.job_id[:12]} is still {status.state}; cancel it first")
+        if status.state == "failed":
+            logger.info("keeping the failed job's container for inspection: docker logs %s; docker rm %s",
+                        handle.job_id[:12], handle.job_id[:12])
+            return
+        container = self._container(handle)
+        with self._calls("remove"):
+            container.remove()

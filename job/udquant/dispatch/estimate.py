@@ -29,6 +29,7 @@ CPU_OFFLOAD_SLOWDOWN = 8.0
 GPU_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "L40S": 362.0, "A100": 312.0, "H100": 990.0,
               "H200": 990.0, "RTX PRO 6000": 500.0}
 DEFAULT_TFLOPS = 60.0
+JOB_TIME_LIMIT_HOURS = 8  # the time limit HF Jobs are started with; a job past it is stopped unfinished
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
 
 
@@ -108,10 +109,14 @@ def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int],
     if evaluation is not None:
         seconds += evaluation.seconds_cpu_bound / cpus + evaluation.seconds_io_bound
         disk_needed += evaluation.disk_bytes
-    fits = hardware.disk_bytes == 0 or hardware.disk_bytes >= disk_needed
-    if not fits:
-        notes.append(f"needs ~{disk_needed / 1e9:.0f} GB disk")
     minutes = seconds / 60
+    roomy = hardware.disk_bytes == 0 or hardware.disk_bytes >= disk_needed
+    if not roomy:
+        notes.append(f"needs ~{disk_needed / 1e9:.0f} GB disk")
+    in_time = minutes <= JOB_TIME_LIMIT_HOURS * 60
+    if not in_time:
+        notes.append(f"past the {JOB_TIME_LIMIT_HOURS} h time limit")
+    fits = roomy and in_time
     return FlavorEstimate(hardware, minutes, minutes * hardware.cost_usd_per_minute, fits, "; ".join(notes))
 
 

@@ -1,7 +1,9 @@
 """A self-hosted GitHub Actions runner: dispatch quantize.yml, then follow the run it started.
 
-GitHub's workflow_dispatch answers without the run's id, so the run is found by polling the
-workflow's runs for one that did not exist before the dispatch.
+The dispatch asks for the run it creates (`return_run_details`, github.com since 2026-02). A
+server that answers without it (an older GitHub Enterprise Server) gets the old way: the run is
+the oldest one that did not exist before the dispatch, which two dispatches at the same moment
+could both pick, so that fallback is logged.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from typing import Any
 
 import httpx
 
-from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, output_link_in_logs, redact
-from udquant.dispatch.job_command import build_workflow_inputs
+from udquant.dispatch.base import (
+    IMAGE_REPOSITORY,
+    DispatchError,
+    DispatchRequest,
+    JobHandle,
+    JobStatus,
+    output_link_in_logs,
+    redact,
+)
+from udquant.dispatch.job_command import build_workflow_inputs, image_name
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +93,35 @@ class GitHubBackend:
         if request.output_repo is not None:
             raise DispatchError(NAME, "quantize.yml uploads to the runner token's <namespace>/<Name>-UD-GGUF; "
                                       "an output repo cannot be chosen for it")
+        owner = self.repository.split("/")[0].lower()
+        if image_name(request.image) not in (IMAGE_REPOSITORY, f"ghcr.io/{owner}/udquant-job"):
+            raise DispatchError(NAME, f"quantize.yml runs ghcr.io/{owner}/udquant-job (image.yml pushes it); "
+                                      f"only its tag can be chosen, not the image {request.image}")
         before = {run["id"] for run in self._dispatch_runs()}
         inputs = build_workflow_inputs(request)
         logger.info("dispatching %s on %s@%s with %s", self.workflow, self.repository, self.ref, inputs)
-        self._request("POST", f"/repos/{self.repository}/actions/workflows/{self.workflow}/dispatches",
-                      json={"ref": self.ref, "inputs": inputs})
-        run = self._find_new_run(before)
-        return JobHandle(backend=NAME, job_id=str(run["id"]), location=self.repository, output_repo=None,
-                         url=str(run.get("html_url") or ""))
+        run_id, url = self._dispatch({"ref": self.ref, "inputs": inputs})
+        if run_id is None:
+            logger.warning("%s did not say which run the dispatch started; taking the first new run of %s",
+                           self._client.base_url, self.workflow)
+            run = self._find_new_run(before)
+            run_id, url = str(run["id"]), str(run.get("html_url") or "")
+        return JobHandle(backend=NAME, job_id=run_id, location=self.repository, output_repo=None, url=url)
+
+    def _dispatch(self, body: dict[str, Any]) -> tuple[str | None, str]:
+        """POST the dispatch; the started run's (id, page) when the server tells, else (None, "")."""
+        path = f"/repos/{self.repository}/actions/workflows/{self.workflow}/dispatches"
+        try:
+            response = self._request("POST", path, json={**body, "return_run_details": True})
+        except DispatchError as err:
+            if err.status_code != 422 or "return_run_details" not in str(err):
+                raise
+            response = self._request("POST", path, json=body)  # a server that does not know the parameter
+        details = response.json() if response.status_code == 200 and response.content else {}
+        run_id = details.get("workflow_run_id") if isinstance(details, dict) else None
+        if run_id is None:
+            return None, ""
+        return str(run_id), str(details.get("html_url") or "")
 
     def _find_new_run(self, before: set[Any]) -> dict[str, Any]:
         deadline = time.monotonic() + self._find_timeout
@@ -143,6 +174,9 @@ class GitHubBackend:
         if self.status(handle).state != "completed":
             return None
         return output_link_in_logs(self.logs(handle, tail=400)) or handle.url
+
+    def release(self, handle: JobHandle) -> None:
+        """Nothing to free: the service keeps an ended job's record and log itself."""
 
     def close(self) -> None:
         self._client.close()

@@ -11,19 +11,21 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 from huggingface_hub import HfApi, JobHardwareInfo
 from huggingface_hub.errors import HfHubHTTPError
 
 from udquant import __version__
 from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, State, link_from_logs, redact
-from udquant.dispatch.estimate import Hardware, parse_amount
+from udquant.dispatch.estimate import JOB_TIME_LIMIT_HOURS, Hardware, parse_amount
 from udquant.dispatch.job_command import build_job_args
 
 logger = logging.getLogger(__name__)
 
 NAME = "hf-jobs"
 DEFAULT_FLAVOR = "a10g-large"
-DEFAULT_TIMEOUT = "8h"
+DEFAULT_TIMEOUT_HOURS = JOB_TIME_LIMIT_HOURS
+DEFAULT_TIMEOUT = f"{DEFAULT_TIMEOUT_HOURS}h"
 JOB_LABELS = {"app": "udquant", "udquant-version": __version__}
 # Plain settings for the job; never a credential.
 JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0"}
@@ -52,6 +54,8 @@ class HfJobsBackend:
             status = err.response.status_code if err.response is not None else None
             raise DispatchError(NAME, f"{action} failed: {redact(str(err), [self._token])}",
                                 status_code=status) from None
+        except httpx.HTTPError as err:  # no answer at all: refused, reset, timed out
+            raise DispatchError(NAME, f"{action} failed: {redact(str(err), [self._token])}") from None
 
     @property
     def namespace(self) -> str:
@@ -93,6 +97,9 @@ class HfJobsBackend:
         if handle.output_repo is not None:
             return f"{self._api.endpoint}/{handle.output_repo}"
         return link_from_logs(self.logs(handle, tail=20))
+
+    def release(self, handle: JobHandle) -> None:
+        """Nothing to free: the service keeps an ended job's record and log itself."""
 
     def running_jobs(self) -> list[str]:
         """Ids of this user's udquant jobs that are scheduled or running."""

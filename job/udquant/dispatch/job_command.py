@@ -12,7 +12,7 @@ from udquant.dispatch.base import DispatchRequest, default_image
 JOB_PROGRAM = "udquant-job"
 LEVELS_SEPARATOR = " "  # quantize.yml splits its levels input on spaces
 
-__all__ = ["JOB_PROGRAM", "build_job_args", "build_workflow_inputs", "default_image", "image_tag"]
+__all__ = ["JOB_PROGRAM", "build_job_args", "build_workflow_inputs", "default_image", "image_name", "image_tag"]
 
 
 def build_job_args(request: DispatchRequest) -> list[str]:
@@ -29,6 +29,13 @@ def build_job_args(request: DispatchRequest) -> list[str]:
     if request.evaluate:
         args.append("--eval")
     return args
+
+
+def image_name(image: str) -> str:
+    """An image reference without its tag and digest: registry[:port]/path."""
+    name = image.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
 
 
 def image_tag(image: str) -> str:

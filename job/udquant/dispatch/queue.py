@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from udquant.dispatch.base import JobHandle
+from udquant.dispatch.base import DispatchError, JobHandle
 from udquant.errors import InputError
 
 
@@ -40,7 +40,7 @@ class JobRegistry:
             self._submitting.add(user)
             previous = self._active.get(user)
         try:
-            if previous is not None and is_running(previous):
+            if previous is not None and _still_running(previous, is_running):
                 raise QueueLimitError(user, previous)
             handle = start()
             with self._lock:
@@ -55,3 +55,15 @@ class JobRegistry:
         with self._lock:
             if self._active.get(user) == handle:
                 del self._active[user]
+
+
+def _still_running(handle: JobHandle, is_running: Callable[[JobHandle], bool]) -> bool:
+    """Whether the user's previous job still runs; one its backend no longer knows (404) does not."""
+    try:
+        return is_running(handle)
+    except DispatchError as err:
+        if err.status_code == 404:
+            return False
+        raise DispatchError(err.backend, f"cannot tell whether your previous job {handle.job_id} still runs, so no "
+                                         f"new one is started: {err.message.removeprefix(err.backend + ': ')}",
+                            status_code=err.status_code, hint=err.hint or "try again in a moment") from None
