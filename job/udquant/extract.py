@@ -54,8 +54,10 @@ def role_of(name: str) -> str:
 
 def source_header(tensors: tuple[TensorInfo, ...], metadata: dict[str, Any]) -> GGUFHeader:
     """The layout as the BF16 conversion would have it: quantizable tensors in BF16."""
-    as_source = tuple(TensorInfo(t.name, t.shape, GGMLQuantizationType.BF16 if is_quantizable(t) else t.ggml_type,
-                                 t.offset) for t in tensors)
+    arch = str(metadata.get("general.architecture", ""))
+    as_source = tuple(TensorInfo(t.name, t.shape,
+                                 GGMLQuantizationType.BF16 if is_quantizable(t, arch) else t.ggml_type, t.offset)
+                      for t in tensors)
     return GGUFHeader(3, metadata, as_source, 0, 32)
 
 
@@ -82,8 +84,8 @@ def _role_pattern(roles: list[str]) -> str:
     return r"blk\.\d+\." + tail
 
 
-def compact_rules(tensors: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
-    quantized = [t for t in tensors if is_quantizable(t)]
+def compact_rules(tensors: tuple[TensorInfo, ...], arch: str = "") -> list[dict[str, Any]]:
+    quantized = [t for t in tensors if is_quantizable(t, arch)]
     if not quantized:
         raise RecipeError("the template has no quantized tensors")
     catch_all = Counter(t.type_name for t in quantized).most_common(1)[0][0]
@@ -115,9 +117,10 @@ def compact_rules(tensors: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
 
 def extract_recipe(layout: TemplateLayout, *, recipe_id: str, level: str) -> dict[str, Any]:
     """A recipe document that reproduces the template's type for every tensor."""
-    rules = compact_rules(layout.tensors)
+    arch = str(layout.metadata.get("general.architecture", ""))
+    rules = compact_rules(layout.tensors, arch)
     main, nextn = main_layer_count(layout.metadata)
-    widths = {role_of(t.name): t.shape[0] for t in layout.tensors if is_quantizable(t)}
+    widths = {role_of(t.name): t.shape[0] for t in layout.tensors if is_quantizable(t, arch)}
     document: dict[str, Any] = {
         "id": recipe_id,
         "level": level,

@@ -3,6 +3,7 @@ and check that one fits the model before it is used."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import struct
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from udquant.errors import ImatrixMismatchError, InputError
 from udquant.gguf_header import GGUFHeader, SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
-from udquant.toolchain import Toolchain, warn_if_gpu_unused
+from udquant.toolchain import PINNED_TAG, Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output
 
 
@@ -24,6 +25,9 @@ class Imatrix:
     datasets: tuple[str, ...]
     chunk_count: int | None
     chunk_size: int | None
+    # tensor name -> values the entry holds: ne0 times the expert count of an expert tensor
+    # (a legacy .dat stores only this total, so there it is also the width)
+    values: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class ImatrixSettings:
 
 
 CALIBRATION_NAME = "udquant-calibration.txt"
+# llama-quantize refuses a GGUF imatrix without any of these (common/imatrix-loader.cpp).
+GGUF_IMATRIX_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 
 
 def build_imatrix_args(toolchain: Toolchain, model: Path, calibration: Path,
@@ -68,12 +74,19 @@ def _read_gguf_imatrix(path: Path, header: GGUFHeader) -> Imatrix:
     if header.metadata.get("general.type") != "imatrix":
         raise InputError(f"{path}: a GGUF file but not an imatrix (general.type="
                          f"{header.metadata.get('general.type')!r})")
-    widths = {t.name[: -len(".in_sum2")]: t.shape[0] for t in header.tensors if t.name.endswith(".in_sum2")}
+    missing = [key for key in GGUF_IMATRIX_KEYS if key not in header.metadata]
+    if missing:
+        raise InputError(f"{path}: an imatrix without {', '.join(missing)}, which llama-quantize "
+                         f"{PINNED_TAG} refuses (\"missing imatrix metadata\")",
+                         hint="make it again with a recent llama-imatrix, or convert the legacy .dat file")
+    sums = [t for t in header.tensors if t.name.endswith(".in_sum2")]
+    widths = {t.name[: -len(".in_sum2")]: t.shape[0] for t in sums}
+    values = {t.name[: -len(".in_sum2")]: math.prod(t.shape) for t in sums}  # shape: (ne0, matrices)
     datasets = header.metadata.get("imatrix.datasets") or []
     if isinstance(datasets, SkippedArray):
         datasets = []
     return Imatrix(path, "gguf", widths, tuple(str(d) for d in datasets),
-                   header.metadata.get("imatrix.chunk_count"), header.metadata.get("imatrix.chunk_size"))
+                   header.metadata.get("imatrix.chunk_count"), header.metadata.get("imatrix.chunk_size"), values)
 
 
 def _read_dat_imatrix(path: Path) -> Imatrix:
@@ -112,7 +125,7 @@ def _read_dat_imatrix(path: Path) -> Imatrix:
     if chunk_count is not None and pos + 4 <= len(data):
         length = take("<i")
         datasets = (data[pos:pos + length].decode("utf-8", errors="replace"),)
-    return Imatrix(path, "dat", widths, datasets, chunk_count, None)
+    return Imatrix(path, "dat", widths, datasets, chunk_count, None, dict(widths))
 
 
 def read_imatrix(path: Path) -> Imatrix:
@@ -128,7 +141,7 @@ def read_imatrix(path: Path) -> Imatrix:
 def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
     """Every entry must name a tensor of this model with the same row length.
 
-    Legacy entries of expert tensors hold n_expert rows, so a multiple is accepted there.
+    An entry holds row length x experts values, as llama-quantize requires (it stops otherwise).
     """
     shapes = {t.name: t.shape for t in model.tensors}
     unknown = [name for name in imatrix.widths if name not in shapes]
@@ -140,11 +153,16 @@ def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
         raise ImatrixMismatchError(f"{imatrix.path.name} has entries for tensors this model lacks",
                                    sorted(unknown))
     wrong = []
-    for name, width in imatrix.widths.items():
+    for name, count in imatrix.values.items():
         shape = shapes[name]
         experts = shape[2] if len(shape) > 2 else 1
-        if width not in (shape[0], shape[0] * experts):
-            wrong.append(f"{name}: imatrix width {width}, tensor row length {shape[0]}")
+        if count == shape[0] * experts or name == "token_embd.weight":  # llama-quantize skips token_embd's
+            continue
+        if imatrix.widths[name] not in (shape[0], shape[0] * experts):
+            wrong.append(f"{name}: imatrix width {imatrix.widths[name]}, tensor row length {shape[0]}")
+        else:
+            wrong.append(f"{name}: imatrix holds {count} values, llama-quantize needs {shape[0]} x {experts} "
+                         f"(row length x experts)")
     if wrong:
         raise ImatrixMismatchError(f"{imatrix.path.name} does not fit this model's tensor widths",
                                    sorted(wrong))

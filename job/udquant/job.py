@@ -27,7 +27,7 @@ from udquant.output import ImatrixUse, LevelOutput, OutputFiles, sha256_file, wr
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
 from udquant.quantize import quantize_model
-from udquant.recipe import QuantPlan, Recipe, find_recipe, load_recipe_ref, plan_quantization
+from udquant.recipe import QuantPlan, Recipe, check_fallbacks, find_recipe, load_recipe_ref, plan_quantization
 from udquant.resolve import ModelInfo, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
@@ -250,13 +250,10 @@ def run_job(options: JobOptions) -> JobResult:
     bf16 = _run_stage(timings, convert_stage, convert, "model-bf16.gguf")
     bf16_header = read_gguf_header(bf16)
     plans = [plan_quantization(recipe, bf16_header) for recipe in recipes]
-    for plan in plans:
-        for tensor in plan.undeclared_fallbacks():
-            logger.warning("%s: %s wants %s but its row length %d does not fit; llama-quantize will "
-                           "fall back and verification will fail", plan.recipe.level, tensor.name,
-                           tensor.wanted, tensor.shape[0])
     if early_imatrix is not None:
         check_imatrix_fits(early_imatrix, bf16_header)
+    for plan in plans:
+        check_fallbacks(plan)  # before the imatrix and every quantize, not after
     imatrix = _prepare_imatrix(options, model, toolchain, bf16, bf16_header, convert_stage.key, timings)
 
     levels = []

@@ -9,13 +9,13 @@ from pathlib import Path
 from udquant.errors import RecipeError
 from udquant.imatrix import Imatrix
 from udquant.progress import StageProgress
-from udquant.recipe import NEEDS_IMATRIX, QuantPlan
+from udquant.recipe import NEEDS_IMATRIX, NEEDS_NO_IMATRIX, QuantPlan
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
 from udquant.workdir import atomic_output
 
 TENSOR_TYPES_NAME = "tensor-types.txt"
-IMATRIX_NAME = "imatrix.gguf"
+IMATRIX_STEM = "imatrix"  # imatrix.gguf or imatrix.dat, as the file given
 
 
 def build_quantize_args(toolchain: Toolchain, source: Path, output: Path, plan: QuantPlan,
@@ -28,11 +28,12 @@ def build_quantize_args(toolchain: Toolchain, source: Path, output: Path, plan: 
 
 def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None) -> None:
     """IQ1/IQ2/IQ3_XXS types cannot be made without imatrix entries for their tensors."""
-    needing = [t.name for t in plan.tensors if t.quantized and t.wanted in NEEDS_IMATRIX]
+    needing = [t.name for t in plan.tensors
+               if t.quantized and t.written in NEEDS_IMATRIX and t.name not in NEEDS_NO_IMATRIX]
     covered = imatrix.widths if imatrix else {}
     missing = [name for name in needing if name not in covered]
     if missing:
-        types = sorted({t.wanted for t in plan.tensors if t.name in missing})
+        types = sorted({t.written for t in plan.tensors if t.name in missing})
         raise RecipeError(
             f"recipe {plan.recipe.id} asks for {', '.join(types)} on {len(missing)} tensors "
             f"without imatrix entries, e.g. {', '.join(missing[:5])}",
@@ -52,14 +53,14 @@ def quantize_model(toolchain: Toolchain, source: Path, plan: QuantPlan, output: 
     (workdir / TENSOR_TYPES_NAME).write_text("\n".join(plan.tensor_type_lines()) + "\n")
     imatrix_arg = None
     if imatrix is not None:
-        local = workdir / IMATRIX_NAME
+        local = workdir / f"{IMATRIX_STEM}.{imatrix.format}"
         if local.resolve() != imatrix.path.resolve():
             local.unlink(missing_ok=True)
             try:
                 os.link(imatrix.path, local)
             except OSError:  # another file system
                 shutil.copyfile(imatrix.path, local)
-        imatrix_arg = Path(IMATRIX_NAME)
+        imatrix_arg = Path(local.name)
     with atomic_output(output) as partial:
         args = build_quantize_args(toolchain, source.resolve(), Path(partial.name), plan,
                                    tensor_types=Path(TENSOR_TYPES_NAME), imatrix=imatrix_arg,

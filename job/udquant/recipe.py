@@ -30,16 +30,31 @@ BASE_FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S
 FALLBACKS = {
     "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl",
     "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl",
-    "q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0",
+    "q2_K": "q4_0", "q3_K": "q4_0", "tq1_0": "q4_0", "tq2_0": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1",
+    "q6_K": "q8_0",
 }
-# Types llama-quantize refuses to make without importance-matrix entries.
+# Types ggml_quantize_chunk cannot write: asking llama-quantize for one aborts it mid-file.
+NOT_WRITABLE = ("q8_1", "q8_K", "i8", "i16", "i32", "i64", "f64")
+# Types llama-quantize refuses to make without importance-matrix entries, except for the
+# embeddings and the output (tensor_requires_imatrix).
 NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs")
-# Name parts llama-quantize never quantizes (tensor_allows_quantization, llama-quant.cpp).
-NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup",
-                   "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
-                   "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_",
-                   "attn_rel_b.weight", ".position_embd", ".rel_pos", ".patch_embd",
-                   "position_embd.weight", "token_types.weight")
+NEEDS_NO_IMATRIX = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
+# What llama-quantize never quantizes (tensor_allows_quantization, src/llama-quant.cpp): names
+# containing one of these parts, names equal to one of the exact ones, and for glm5-next more parts.
+NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+                   "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+                   "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.",
+                   "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+                   *(f"time_mix_{part}.weight" for part in ("first", "w0", "w1", "w2", "v0", "v1", "v2", "a0",
+                                                             "a1", "a2", "g1", "g2", "decay_w1", "decay_w2",
+                                                             "lerp_fused")))
+NEVER_QUANTIZED_NAMES = ("position_embd.weight", "token_types.weight")
+NEVER_QUANTIZED_BY_ARCH = {
+    "glm5-next": ("hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+                  "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight",
+                  "ssm_g_b.weight", "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight",
+                  "attn_v_b.weight"),
+}
 SELECTORS = ("all", "more_bits")
 MAX_PATTERN_LENGTH = 300
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -84,10 +99,15 @@ def layer_of(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def is_quantizable(tensor: TensorInfo) -> bool:
-    """Whether llama-quantize would quantize this tensor at all."""
-    return (len(tensor.shape) >= 2 and tensor.name.endswith("weight")
-            and not any(part in tensor.name for part in NEVER_QUANTIZED))
+def is_quantizable(tensor: TensorInfo, arch: str = "") -> bool:
+    """Whether llama-quantize would quantize this tensor of a model of arch at all."""
+    dims = len(tensor.shape)
+    while dims > 1 and tensor.shape[dims - 1] == 1:  # ggml_n_dims: trailing 1s do not count
+        dims -= 1
+    name = tensor.name
+    parts = NEVER_QUANTIZED + NEVER_QUANTIZED_BY_ARCH.get(arch, ())
+    return (dims >= 2 and name.endswith("weight") and name not in NEVER_QUANTIZED_NAMES
+            and not any(part in name for part in parts))
 
 
 def _has_nested_repeat(items: Any, inside_repeat: bool = False) -> bool:
@@ -117,9 +137,12 @@ def _has_nested_repeat(items: Any, inside_repeat: bool = False) -> bool:
 
 def _check_type(name: Any, where: str) -> str:
     try:
-        return ggml_type_name(parse_ggml_type(str(name)))
+        type_name = ggml_type_name(parse_ggml_type(str(name)))
     except ValueError:
         raise RecipeError(f"{where}: unknown ggml type {name!r}") from None
+    if type_name in NOT_WRITABLE:
+        raise RecipeError(f"{where}: llama-quantize cannot write {type_name} tensors")
+    return type_name
 
 
 def parse_recipe(data: Any, where: str, source_path: Path | None = None) -> Recipe:
@@ -223,6 +246,11 @@ class TensorPlan:
     def quantized(self) -> bool:
         return self.rule is not None
 
+    @property
+    def written(self) -> str:
+        """What llama-quantize writes, declared or not (the plan refuses types it would stop on)."""
+        return (_fallback_of(self.wanted, self.shape[0]) or self.wanted) if self.quantized else self.source_type
+
 
 @dataclass(frozen=True)
 class QuantPlan:
@@ -242,13 +270,35 @@ class QuantPlan:
         return hashlib.sha256("\n".join(self.tensor_type_lines()).encode()).hexdigest()
 
 
-def _fallback_of(type_name: str, row_length: int) -> str:
-    """The type llama-quantize really writes for type_name on rows of row_length."""
+def check_fallbacks(plan: QuantPlan) -> None:
+    """Refuse a plan in which llama-quantize would silently write types the recipe did not declare."""
+    undeclared = plan.undeclared_fallbacks()
+    if not undeclared:
+        return
+    listed = [f"{t.name}: {t.wanted} on rows of {t.shape[0]} -> {_fallback_of(t.wanted, t.shape[0])}"
+              for t in undeclared[:5]]
+    pairs = sorted({(t.wanted, _fallback_of(t.wanted, t.shape[0])) for t in undeclared})
+    declare = ", ".join(f"{wanted}: {real}" for wanted, real in pairs)
+    raise RecipeError(
+        f"recipe {plan.recipe.id}: {len(undeclared)} tensors have row lengths their type's block does not "
+        f"divide, and llama-quantize would write another type for them (exiting 0): {'; '.join(listed)}",
+        hint=f"declare what it writes in the recipe ('fallbacks: {{{declare}}}') to accept it, "
+             "or give those tensors types that fit")
+
+
+def _block_size(type_name: str) -> int:
+    return GGML_QUANT_SIZES[parse_ggml_type(type_name)][0]
+
+
+def _fallback_of(type_name: str, row_length: int) -> str | None:
+    """The type llama-quantize really writes for type_name on rows of row_length; None: it stops."""
     current = type_name
-    if row_length % GGML_QUANT_SIZES[parse_ggml_type(current)][0] == 0:
+    if row_length % _block_size(current) == 0:
         return current
+    if current not in FALLBACKS and _block_size(current) > 32:
+        return None  # "no tensor type fallback is defined"
     current = FALLBACKS.get(current, current)
-    if row_length % GGML_QUANT_SIZES[parse_ggml_type(current)][0] != 0:
+    if row_length % _block_size(current) != 0:
         return "f16"
     return current
 
@@ -277,7 +327,8 @@ def map_layers(layers: tuple[int, ...], template_main: int, target_main: int) ->
 
 def plan_quantization(recipe: Recipe, header: GGUFHeader) -> QuantPlan:
     """An explicit type for every tensor of the model whose header is given."""
-    candidates = [t for t in header.tensors if is_quantizable(t)]
+    arch = str(header.metadata.get("general.architecture", ""))
+    candidates = [t for t in header.tensors if is_quantizable(t, arch)]
     target_main, _ = main_layer_count(header.metadata)
     template_main = int(recipe.made_for.get("layers", 0)) - int(recipe.made_for.get("nextn_layers", 0))
     chosen: dict[str, int] = {}
@@ -302,7 +353,14 @@ def plan_quantization(recipe: Recipe, header: GGUFHeader) -> QuantPlan:
             plans.append(TensorPlan(tensor.name, tensor.shape, source, source, source, None))
             continue
         wanted = recipe.rules[chosen[tensor.name]].type
+        if tensor.name != tensor.name.lower():
+            raise RecipeError(f"tensor {tensor.name} has upper-case letters: llama-quantize lower-cases every "
+                              "--tensor-type pattern, so no explicit type could ever reach it")
         real = _fallback_of(wanted, tensor.shape[0])
+        if real is None:
+            raise RecipeError(f"recipe {recipe.id} asks for {wanted} on {tensor.name}, whose row length "
+                              f"{tensor.shape[0]} is not a multiple of {_block_size(wanted)}; llama-quantize "
+                              "has no fallback for it and would stop", hint="give these tensors another type")
         expected = real if recipe.fallbacks.get(wanted) == real else wanted
         plans.append(TensorPlan(tensor.name, tensor.shape, source, wanted, expected, chosen[tensor.name]))
     return QuantPlan(recipe, tuple(plans))

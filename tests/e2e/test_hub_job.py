@@ -163,6 +163,8 @@ def test_discovery_order_and_formats(hub, llama, imatrices, toolchain, tmp_path)
     assert "Tiny-Distill.imatrix.gguf (mradermacher): does not fit" in proc.stderr
     used = imatrix_used(tmp_path)
     assert (used["origin"], used["format"]) == ("bartowski", "dat")
+    gguf = next((tmp_path / "out").glob("*.gguf"))
+    assert read_gguf_header(gguf).metadata["quantize.imatrix.file"] == "imatrix.dat"  # named as what it is
     hub.state.add_repo("mradermacher/Tiny-Distill-i1-GGUF", {"imatrix.dat": imatrices["dat"],
                                                               "Tiny-Distill.imatrix.gguf": imatrices["gguf"]})
     proc = job("--no-upload", cwd=tmp_path, token=None)

@@ -12,10 +12,13 @@ import pytest
 from huggingface_hub import ModelCard
 
 from tests.e2e.conftest import FAST_IMATRIX, run_cli
-from udquant.errors import ToolError
+from udquant.errors import ToolError, VerificationError
 from udquant.gguf_header import read_gguf_header
 from udquant.output import sha256_file
 from udquant.publish import split_for_upload
+from udquant.quantize import quantize_model
+from udquant.recipe import find_recipe, plan_quantization
+from udquant.verify import verify_quantized
 
 pytestmark = pytest.mark.e2e
 
@@ -136,14 +139,25 @@ def test_two_levels_convert_and_compute_the_imatrix_once(qwen3, toolchain, tmp_p
     assert not list(tmp_path.rglob("*.partial-*"))
 
 
-def test_k_quant_fallback_fails_verification(odd_llama, toolchain, tmp_path):
+def test_k_quant_fallback_is_refused_before_quantizing_and_caught_by_verification(odd_llama, toolchain, tmp_path):
     proc = run_cli(odd_llama, "--imatrix", "none", "--work-dir", tmp_path / "work", "--out-dir",
                    tmp_path / "out", cwd=tmp_path)
-    assert proc.returncode == 5, proc.stderr
-    assert "does not match recipe llama/UD-Q5_K_XL" in proc.stderr
-    assert "expected q5_K, got q5_1 (llama-quantize fell back: row length 320 is not a multiple of 256" in proc.stderr
-    assert "will fall back and verification will fail" in proc.stderr  # warned before quantizing
-    assert not list((tmp_path / "out").glob("*.gguf")) if (tmp_path / "out").exists() else True
+    assert proc.returncode == 2, proc.stderr
+    assert "llama-quantize would write another type for them" in proc.stderr
+    assert "q5_K on rows of 320 -> q5_1" in proc.stderr and "fallbacks: {q5_K: q5_1, q6_K: q8_0}" in proc.stderr
+    assert not list((tmp_path / "work").glob("quantize-*")) and not list((tmp_path / "work").glob("imatrix-*"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.gguf"))
+
+    # Had it run, the real llama-quantize would exit 0 with other types; reading the file tells.
+    bf16 = next((tmp_path / "work").glob("convert-*/model-bf16.gguf"))
+    plan = plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), read_gguf_header(bf16))
+    out = tmp_path / "forced" / "model.gguf"
+    out.parent.mkdir()
+    quantize_model(toolchain, bf16, plan, out, imatrix=None, log_path=tmp_path / "forced" / "quantize.log")
+    with pytest.raises(VerificationError, match="does not match recipe llama/UD-Q5_K_XL") as err:
+        verify_quantized(out, plan)
+    assert ("expected q5_K, got q5_1 (llama-quantize fell back: row length 320 is not a multiple of 256"
+            in str(err.value))
 
 
 def test_imatrix_of_another_model_is_refused(llama_run, odd_llama, tmp_path):

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
 from tests.layouts import header_of, llama_layout
@@ -20,15 +21,16 @@ def write_dat(path: Path, entries: dict[str, int], chunks: int = 10, dataset: st
     path.write_bytes(out)
 
 
-def write_gguf_imatrix(path: Path, entries: dict[str, int]) -> None:
+def write_gguf_imatrix(path: Path, entries: dict[str, int], *, matrices: int = 1, chunk_size: bool = True) -> None:
     writer = GGUFWriter(str(path), arch="")
     writer.add_type("imatrix")
     writer.add_array("imatrix.datasets", ["calibration-v1.txt"])
     writer.add_uint32("imatrix.chunk_count", 12)
-    writer.add_uint32("imatrix.chunk_size", 512)
+    if chunk_size:
+        writer.add_uint32("imatrix.chunk_size", 512)
     for name, width in entries.items():
-        writer.add_tensor(f"{name}.in_sum2", np.ones((1, width), dtype=np.float32))
-        writer.add_tensor(f"{name}.counts", np.ones((1, 1), dtype=np.float32))
+        writer.add_tensor(f"{name}.in_sum2", np.ones((matrices, width), dtype=np.float32))
+        writer.add_tensor(f"{name}.counts", np.ones((matrices, 1), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -96,3 +98,27 @@ def test_a_model_gguf_is_not_an_imatrix(tmp_path):
     writer.close()
     with pytest.raises(InputError, match="not an imatrix"):
         read_imatrix(path)
+
+
+def test_a_gguf_imatrix_without_its_metadata_is_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_gguf_imatrix(path, GOOD, chunk_size=False)
+    with pytest.raises(InputError, match="without imatrix.chunk_size, which llama-quantize b11434 refuses"):
+        read_imatrix(path)
+
+
+@pytest.mark.parametrize(("fmt", "fits"), [("gguf", True), ("gguf", False), ("dat", True), ("dat", False)])
+def test_expert_entries_need_a_row_per_expert(tmp_path, fmt, fits):
+    moe = header_of([*llama_layout(), ("blk.0.ffn_down_exps.weight", (512, 256, 8), T.BF16)])
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "gguf":
+        write_gguf_imatrix(path, {"blk.0.ffn_down_exps.weight": 512}, matrices=8 if fits else 1)
+    else:
+        write_dat(path, {"blk.0.ffn_down_exps.weight": 512 * 8 if fits else 512})
+    imatrix = read_imatrix(path)
+    if fits:
+        check_imatrix_fits(imatrix, moe)
+        return
+    with pytest.raises(ImatrixMismatchError) as err:
+        check_imatrix_fits(imatrix, moe)
+    assert "blk.0.ffn_down_exps.weight: imatrix holds 512 values, llama-quantize needs 512 x 8" in str(err.value)

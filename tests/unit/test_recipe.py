@@ -8,7 +8,17 @@ from gguf import GGMLQuantizationType as T
 
 from tests.layouts import header_of, llama_layout, qwen35_layout
 from udquant.errors import RecipeError
-from udquant.recipe import find_recipe, load_recipe, parse_recipe, plan_quantization, use_more_bits
+from udquant.gguf_header import TensorInfo
+from udquant.quantize import check_imatrix_coverage
+from udquant.recipe import (
+    check_fallbacks,
+    find_recipe,
+    is_quantizable,
+    load_recipe,
+    parse_recipe,
+    plan_quantization,
+    use_more_bits,
+)
 
 
 def counts(plan):
@@ -79,6 +89,7 @@ def test_odd_width_predicts_fallback_unless_declared(tmp_path):
     ({"rules": [{"match": "(x|.*)+", "type": "q5_K"}]}, "repeats a repetition"),
     ({"rules": [{"match": "blk\\.1\\.x", "type": "q5_K"}], "level": "a/b"}, "level 'a/b' must be"),
     ({"rules": [{"match": ".*", "type": "q9_K"}]}, "unknown ggml type 'q9_K'"),
+    ({"rules": [{"match": ".*", "type": "q8_K"}]}, "llama-quantize cannot write q8_K tensors"),
     ({"base": "Q7_K_M"}, "base 'Q7_K_M' is not a llama-quantize type"),
     ({"rules": [{"match": ".*", "type": "q5_K", "select": "some"}]}, "select must be one of"),
     ({"rules": [{"match": ".*", "type": "q5_K", "layers": "1,2"}]}, "layers must be a list"),
@@ -143,3 +154,59 @@ def test_source_types_other_than_bf16_are_kept_for_unquantized():
     plan = plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), header_of(layout))
     gate = next(t for t in plan.tensors if t.name == "blk.0.ffn_gate_inp.weight")
     assert not gate.quantized and gate.expected == "f16"
+
+
+def one_type(type_name: str, **extra):
+    return parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M",
+                         "rules": [{"match": ".*", "type": type_name}], **extra}, "test.yaml")
+
+
+def test_undeclared_fallbacks_are_refused_before_quantizing():
+    header = header_of(llama_layout(hidden=320, ffn=640))
+    with pytest.raises(RecipeError, match=r"blk\.0\.attn_q\.weight: q5_K on rows of 320 -> q5_1") as err:
+        check_fallbacks(plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), header))
+    assert "fallbacks: {q5_K: q5_1, q6_K: q8_0}" in str(err.value.hint)
+    check_fallbacks(plan_quantization(find_recipe("UD-Q5_K_XL", "llama"), header_of(llama_layout())))
+
+
+def test_fallbacks_follow_llama_quantize_beyond_k_quants():
+    header = header_of(llama_layout(hidden=320, ffn=640))
+    plan = plan_quantization(one_type("tq2_0"), header)
+    assert {t.written for t in plan.tensors if t.quantized} == {"q4_0"}
+    with pytest.raises(RecipeError, match="has no fallback for it and would stop"):
+        plan_quantization(one_type("q1_0"), header)  # block 128: llama-quantize throws
+
+
+def test_upper_case_tensor_names_cannot_get_a_type():
+    layout = llama_layout()
+    layout.append(("blk.0.Extra.weight", (256, 256), T.BF16))
+    with pytest.raises(RecipeError, match="blk.0.Extra.weight has upper-case letters"):
+        plan_quantization(one_type("q5_K"), header_of(layout))
+
+
+def test_imatrix_needs_follow_what_llama_quantize_writes():
+    # output.weight and token_embd need no entries; a type that falls back to iq4_nl needs none either.
+    plan = plan_quantization(one_type("iq2_xxs"), header_of(llama_layout(n_layers=1, hidden=256, ffn=1152)))
+    # Left: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up (ffn_down's rows of 1152 make it iq4_nl).
+    with pytest.raises(RecipeError, match=r"asks for iq2_xxs on 6 tensors without imatrix entries"):
+        check_imatrix_coverage(plan, None)
+    embeddings_only = parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M", "rules": [
+        {"match": "token_embd\\.weight|output\\.weight", "type": "iq2_xxs"}, {"match": ".*", "type": "q5_K"}]},
+        "test.yaml")
+    check_imatrix_coverage(plan_quantization(embeddings_only, header_of(llama_layout())), None)
+
+
+@pytest.mark.parametrize(("name", "shape", "arch", "quantized"), [
+    ("blk.0.ffn_up.weight", (256, 512), "llama", True),
+    ("blk.0.ffn_up.weight", (256, 1), "llama", False),  # ggml_n_dims ignores trailing 1s
+    ("blk.0.ffn_up_exps.weight", (256, 512, 8), "qwen3moe", True),
+    ("blk.0.time_mix_key.weight", (256, 256), "rwkv7", True),  # not one of RWKV's small ones
+    ("blk.0.time_mix_w1.weight", (256, 256), "rwkv7", False),
+    ("v.blk.0.patch_merger.weight", (256, 256), "clip", False),
+    ("position_embd.weight", (256, 512), "bert", False),
+    ("v.position_embd.weight", (256, 512), "clip", False),
+    ("blk.0.attn_k_b.weight", (256, 256), "glm5-next", False),
+    ("blk.0.attn_k_b.weight", (256, 256), "deepseek2", True),
+])
+def test_quantizable_tensors_follow_llama_quantize(name, shape, arch, quantized):
+    assert is_quantizable(TensorInfo(name, shape, T.BF16, 0), arch) is quantized
