@@ -104,7 +104,7 @@ def describe_inspection(found: Inspection) -> str:
         f"| imatrix | {found.imatrix_source} |",
     ]
     if found.drops_mtp:
-        rows.append("| MTP layers | declared but absent from the weights: converted with `--no-mtp` |")
+        rows.append("| MTP layers | absent from the weights: converted with `--no-mtp` |")
     rows += ["", "| level | recipe | ≈ bits/weight | ≈ output size |", "|---|---|---|---|"]
     rows += [f"| {p.level} | `{p.recipe_id}` | {p.bits_per_weight:.2f} | {p.output_bytes / 1e9:.2f} GB |"
              for p in found.levels]

@@ -73,6 +73,7 @@ class HubState:
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
         self.tokens = {"hf_test_token_owner": "tester"}  # accepted tokens -> user name
         self.read_only_tokens: set[str] = set()  # tokens whose role is "read": no repo creation, no commits
+        self.orgs: dict[str, list[str]] = {}  # user -> the organizations it may write to
         # Cut the connection after N bytes, once, for these "repo/path" downloads.
         self.interrupt_once: dict[str, int] = {}
         # More endpoints (jobs, uploads) plug in here: each returns True when it answered.
@@ -103,12 +104,14 @@ class _Handler(JSONHandler):
     def _user(self) -> str | None:
         return self.state.tokens.get(self._token())
 
-    def _may_write(self) -> bool:
-        """Answer the error unless the request carries a valid token with write access."""
-        if self._user() is None:
+    def _may_write(self, repo_id: str) -> bool:
+        """Answer the error unless the request carries a valid token with write access to the repo's namespace."""
+        user = self._user()
+        if user is None:
             self._error(401, "Invalid credentials")
             return False
-        if self._token() in self.state.read_only_tokens:
+        namespace = repo_id.split("/")[0]
+        if self._token() in self.state.read_only_tokens or namespace not in (user, *self.state.orgs.get(user, [])):
             self._error(403, "You don't have the rights to write to this namespace")
             return False
         return True
@@ -191,7 +194,8 @@ class _Handler(JSONHandler):
         if user is None:
             self._error(401, "Invalid credentials in Authorization header")
             return
-        self.send_json({"type": "user", "name": user, "fullname": user, "orgs": [],
+        orgs = [{"type": "org", "name": org, "roleInOrg": "write"} for org in self.state.orgs.get(user, [])]
+        self.send_json({"type": "user", "name": user, "fullname": user, "orgs": orgs,
                          "auth": {"type": "access_token", "accessToken": {
                              "role": "read" if self._token() in self.state.read_only_tokens else "write",
                              "displayName": "t"}}})
@@ -200,7 +204,7 @@ class _Handler(JSONHandler):
         user = self._user()
         body = self._json_body()
         repo_id = f"{body.get('organization') or user}/{body['name']}"
-        if not self._may_write():
+        if not self._may_write(repo_id):
             return
         host, port = self.server.server_address[:2]
         if repo_id in self.state.repos:  # the Hub's 409 carries the url too
@@ -230,7 +234,7 @@ class _Handler(JSONHandler):
     def _writable_repo(self, repo_id: str) -> Repo | None:
         """The repo, when it exists and the request carries a valid token; else answer the error."""
         repo = self._repo(repo_id)
-        if repo is not None and not self._may_write():
+        if repo is not None and not self._may_write(repo_id):
             return None
         return repo
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -28,7 +32,30 @@ logger = logging.getLogger("udquant")
 
 # Exit codes of errors are set on the error classes (errors.py) and listed in the README.
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_INTERNAL = 70
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, a cancelled HF Job): unwound like Ctrl-C, so that the running tool is
+    killed and its partial output removed on the way out, instead of living on as an orphan."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -149,13 +176,15 @@ def print_report(result: JobResult) -> None:
 
 def _run(action: str, func: object, args: argparse.Namespace) -> int:
     try:
-        return int(func(args))  # type: ignore[operator]
+        with _sigterm_as_interrupt():
+            return int(func(args))  # type: ignore[operator]
     except UdquantError as err:
         logger.error("%s failed: %s", action, err)
         return err.exit_code
-    except KeyboardInterrupt:
-        logger.error("interrupted; rerun the same command to continue where it stopped")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        logger.error("%s; rerun the same command to continue where it stopped", what)
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except Exception:
         if os.environ.get("UDQUANT_DEBUG"):
             raise

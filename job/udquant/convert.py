@@ -16,27 +16,32 @@ CONVERTER_HINTS = {
         "the pinned converter does not know this model's pre-tokenizer (its tokenizer hash is "
         "not in llama.cpp b11434's list); the model needs a newer llama.cpp, or its "
         "tokenizer files differ from the base model's"),
+    # Qwen's MTP wiring needs MTP layers, from mtp_num_hidden_layers or mtp.layers.* weights.
     "assert self.opt_num_mtp_layers != 0": (
-        "the config declares MTP layers the weights lack; rerun with --no-mtp"),
-    "Killed": "the converter ran out of memory",
+        "the converter was asked to keep MTP layers, and the checkpoint has none: its config declares "
+        "no mtp_num_hidden_layers and its weights hold no mtp.layers.* tensors; rerun with --no-mtp "
+        "(or without --mtp)"),
 }
 
 
-def build_convert_args(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool) -> list[str]:
+def build_convert_args(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool,
+                       model_name: str) -> list[str]:
+    # Without --model-name the converter names the model after its folder (a download's is the
+    # commit hash) or after config.json's _name_or_path (often the base model).
     args = [sys.executable, str(toolchain.converter), str(model_dir),
-            "--outtype", "bf16", "--outfile", str(output)]
+            "--outtype", "bf16", "--outfile", str(output), "--model-name", model_name]
     if no_mtp:
         args.append("--no-mtp")
     return args
 
 
-def convert_to_gguf(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool,
+def convert_to_gguf(toolchain: Toolchain, model_dir: Path, output: Path, *, no_mtp: bool, model_name: str,
                     log_path: Path, progress: StageProgress | None = None) -> Path:
     """Write output (BF16 GGUF) from model_dir; the file appears only when complete."""
     # The converter must use the gguf-py of its own tree, not whatever gguf is installed.
     env = {"PYTHONPATH": str(toolchain.converter.parent / "gguf-py")}
     with atomic_output(output) as partial:
-        run_tool(build_convert_args(toolchain, model_dir, partial, no_mtp=no_mtp), stage="convert",
-                 log_path=log_path, env=env, progress=progress, hint_for=CONVERTER_HINTS)
+        args = build_convert_args(toolchain, model_dir, partial, no_mtp=no_mtp, model_name=model_name)
+        run_tool(args, stage="convert", log_path=log_path, env=env, progress=progress, hint_for=CONVERTER_HINTS)
         read_gguf_header(partial)
     return output

@@ -6,6 +6,7 @@ Library code raises these; only the CLI turns them into messages and exit codes
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 
@@ -66,15 +67,22 @@ class ToolError(UdquantError):
     def __init__(self, stage: str, tool: str, returncode: int, stderr_tail: str,
                  log_path: Path | None = None, hint: str | None = None) -> None:
         where = f" (full log: {log_path})" if log_path else ""
-        super().__init__(
-            f"{stage}: {tool} exited with code {returncode}{where}; last output:\n{stderr_tail}",
-            hint=hint,
-        )
+        super().__init__(f"{stage}: {tool} {_ending(returncode)}{where}; last output:\n{stderr_tail}", hint=hint)
         self.stage = stage
         self.tool = tool
         self.returncode = returncode
         self.stderr_tail = stderr_tail
         self.log_path = log_path
+
+
+def _ending(returncode: int) -> str:
+    """How a tool ended: a negative return code is the signal that killed it."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
 
 
 class VerificationError(UdquantError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     NotASafetensorsRepoError,
     OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
     SafetensorsParsingError,
@@ -21,14 +23,16 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import httpx as hf_httpx  # type: ignore[attr-defined]
 
 from udquant.errors import HubError, InputError
-from udquant.resolve import ModelInfo, config_vocab_size, describe_config
+from udquant.resolve import ModelInfo, card_license, config_vocab_size, describe_config
 
-# Only what the converter reads: weights, config, tokenizer and chat template files.
+# Only what the converter reads, all at the top of the repo: the weights (ModelInfo.weight_files, by
+# name: "*.safetensors" would also match checkpoint-*/ and original/ copies), config, tokenizer and
+# chat template files, and the card (the converter copies its license and base models into the GGUF).
 MODEL_FILE_PATTERNS = [
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json",
+    "preprocessor_config.json", "README.md",
 ]
 
 
@@ -65,15 +69,27 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
     api = HfApi(token=token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except HUB_ERRORS as err:
+        raise hub_error(repo_id, err) from None
+    files = [s.rfilename for s in info.siblings or []]
+    if info.siblings is not None and "config.json" not in files:
+        raise not_a_checkpoint_error(repo_id, files)
+    try:
         config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
+    except RemoteEntryNotFoundError:
+        raise not_a_checkpoint_error(repo_id, files) from None
     except HUB_ERRORS as err:
         raise hub_error(repo_id, err) from None
     config = json.loads(Path(config_path).read_text())
     hf_arch, llama_arch, declared_mtp = describe_config(config, repo_id)
-    weights = [s for s in info.siblings or [] if s.rfilename.endswith(".safetensors")]
+    # The converter reads the top-level files only: weights in subfolders are other copies.
+    weights = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(".safetensors")]
     if not weights:
-        raise InputError(f"{repo_id}: no *.safetensors weights in the repo",
-                         hint="udquant converts safetensors checkpoints only")
+        nested = [name for name in files if name.endswith(".safetensors")]
+        found = f" (only in subfolders: {', '.join(nested[:3])})" if nested else ""
+        raise InputError(f"{repo_id}: no *.safetensors weights at the top of the repo{found}",
+                         hint="udquant converts safetensors checkpoints only, from the repo's top folder")
+    indexes = [name for name in files if "/" not in name and name.endswith(".safetensors.index.json")]
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=info.sha)
     except HUB_ERRORS as err:
@@ -83,8 +99,22 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
         local_dir=None, hf_architecture=hf_arch, llama_arch=llama_arch,
         n_params=sum(meta.parameter_count.values()),
         weights_bytes=sum(s.size or 0 for s in weights),
+        weight_files=tuple(sorted([s.rfilename for s in weights] + indexes)),
         weight_names=tuple(sorted(meta.weight_map)), declared_mtp_layers=declared_mtp,
-        base_models=base_model_chain(api, repo_id, info.card_data), vocab_size=config_vocab_size(config))
+        base_models=base_model_chain(api, repo_id, info.card_data), vocab_size=config_vocab_size(config),
+        license=card_license(info.card_data.to_dict() if info.card_data is not None else None))  # type: ignore[no-untyped-call]
+
+
+def not_a_checkpoint_error(repo_id: str, files: list[str]) -> InputError:
+    """A repo without config.json: a GGUF repo, a dataset-like or empty one."""
+    ggufs = [name for name in files if name.endswith(".gguf")]
+    if ggufs:
+        return InputError(f"{repo_id} has no config.json: it holds GGUF files ({ggufs[0]}"
+                          f"{', ...' if len(ggufs) > 1 else ''}), not a Hugging Face Transformers checkpoint",
+                          hint="udquant needs the original safetensors model, not a GGUF: give that repo "
+                               "(a GGUF repo's card usually names it as base_model)")
+    return InputError(f"{repo_id} has no config.json: it is not a Hugging Face Transformers checkpoint",
+                      hint="give a model repo with config.json and *.safetensors weights")
 
 
 MAX_BASE_CHAIN = 5
@@ -120,8 +150,10 @@ def download_model(model: ModelInfo, dest: Path, *, token: str | None) -> Path:
     """Download only the files the converter needs, pinned to the resolved revision."""
     assert model.repo_id is not None
     try:
+        # The weights by their exact names (escaped: allow_patterns are fnmatch patterns).
+        patterns = [*MODEL_FILE_PATTERNS, *(glob.escape(name) for name in model.weight_files)]
         path = snapshot_download(model.repo_id, revision=model.revision, local_dir=dest,
-                                 allow_patterns=MODEL_FILE_PATTERNS, token=token)
+                                 allow_patterns=patterns, token=token)
     except HUB_ERRORS as err:
         raise hub_error(model.repo_id, err) from None
     return Path(path)

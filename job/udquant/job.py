@@ -23,12 +23,29 @@ from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, comput
 from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
 from udquant.library import data_file
 from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels, require_plotting
-from udquant.output import ImatrixUse, LevelOutput, OutputFiles, sha256_file, write_outputs
+from udquant.output import (
+    ImatrixUse,
+    LevelOutput,
+    check_out_dir,
+    gguf_file_name,
+    kept_levels,
+    sha256_file,
+    vision_weights,
+    write_outputs,
+)
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
 from udquant.quantize import quantize_model
-from udquant.recipe import QuantPlan, Recipe, check_fallbacks, find_recipe, load_recipe_ref, plan_quantization
-from udquant.resolve import ModelInfo, resolve_model
+from udquant.recipe import (
+    QuantPlan,
+    Recipe,
+    check_fallbacks,
+    find_recipe,
+    load_recipe_ref,
+    plan_quantization,
+    type_bits,
+)
+from udquant.resolve import ModelInfo, check_mtp_option, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
 from udquant.workdir import StageDir, find_stage, open_stage
@@ -115,12 +132,13 @@ def _recipes_for(options: JobOptions, model: ModelInfo) -> list[Recipe]:
 
 
 def _estimate_bytes(model: ModelInfo, recipes: list[Recipe], downloads: bool,
-                    evaluation: EvalSettings | None = None) -> int:
-    """A generous estimate of what the job writes: download, BF16, one file per level, and with
-    --eval the base logits and one standard quant per base type."""
+                    evaluation: EvalSettings | None = None, split_bytes: int | None = None) -> int:
+    """A generous estimate of what the job writes: download, BF16, one file per level (twice when
+    it is split for the upload), and with --eval the base logits and one standard quant per base type."""
     bf16 = model.n_params * 2
     level_bytes = [model.n_params * (_catch_all_bits(r) + 1) / 8 for r in recipes]
-    total = (model.weights_bytes if downloads else 0) + bf16 + sum(level_bytes)
+    split_copies = [size for size in level_bytes if split_bytes is not None and size > split_bytes]
+    total = (model.weights_bytes if downloads else 0) + bf16 + sum(level_bytes) + sum(split_copies)
     if evaluation is not None:
         references = len({r.base for r in recipes}) * max(level_bytes)
         total += eval_disk_bytes(evaluation, model.vocab_size, int(references))
@@ -128,12 +146,7 @@ def _estimate_bytes(model: ModelInfo, recipes: list[Recipe], downloads: bool,
 
 
 def _catch_all_bits(recipe: Recipe) -> float:
-    from gguf import GGML_QUANT_SIZES
-
-    from udquant.gguf_header import parse_ggml_type
-
-    block, size = GGML_QUANT_SIZES[parse_ggml_type(recipe.rules[-1].type)]
-    return 8 * size / block
+    return type_bits(recipe.rules[-1].type)
 
 
 def _run_stage(timings: Timings, stage: StageDir, work: Callable[[Path], Path], output_name: str,
@@ -216,20 +229,29 @@ def run_job(options: JobOptions) -> JobResult:
     timings = Timings()
     with timings.stage("resolve"):
         model = resolve_model(options.source, revision=options.revision, token=options.token)
+        check_mtp_option(model, options.no_mtp)
         recipes = _recipes_for(options, model)
         toolchain = find_toolchain()
         early_imatrix = read_imatrix(Path(options.imatrix)) if options.imatrix not in IMATRIX_MODES else None
         upload = options.upload if options.upload is not None else bool(model.repo_id and options.token)
-        target = plan_target(model.name, output_repo=options.output_repo, private=options.private,
-                             token=options.token) if upload else None
+        target = plan_target(model.name, model.repo_id or model.name, output_repo=options.output_repo,
+                             private=options.private, token=options.token) if upload else None
     no_mtp = model.needs_no_mtp if options.no_mtp is None else options.no_mtp
     if model.needs_no_mtp:
-        logger.warning("config declares %d MTP layer(s) the weights lack: %s", model.declared_mtp_layers,
+        lacking = (f"config declares {model.declared_mtp_layers} MTP layer(s) the weights lack"
+                   if model.declared_mtp_layers else "the weights hold no MTP layers")
+        logger.warning("%s: %s", lacking,
                        "converting with --no-mtp" if no_mtp else "--mtp was given, so the converter will look for them")
     out_dir = options.out_dir or Path("udquant-out") / model.name
-    convert_inputs = {"model": _model_fingerprint(model), "no_mtp": no_mtp, "llama_cpp": toolchain.tree_sha256}
+    check_out_dir(out_dir, model)
+    if (vision := vision_weights(model)):
+        logger.warning("%s has a vision tower (%d tensors, e.g. %s): the GGUF is text only, no mmproj file is made",
+                       model.name, len(vision), vision[0])
+    convert_inputs = {"model": _model_fingerprint(model), "name": model.name, "no_mtp": no_mtp,
+                      "llama_cpp": toolchain.tree_sha256}
     needed = _estimate_bytes(model, recipes, model.repo_id is not None,
-                             options.eval_settings if options.evaluate else None)
+                             options.eval_settings if options.evaluate else None,
+                             split_bytes=options.split_bytes if target else None)
     # A rerun after a kill needs no room for what the killed run already downloaded or converted.
     already = bytes_in(model_dir_for(model, options.work_dir / "downloads")) if model.repo_id else 0
     if (converted := find_stage(options.work_dir, "convert", convert_inputs).done_output()) is not None:
@@ -244,7 +266,7 @@ def run_job(options: JobOptions) -> JobResult:
 
     def convert(output: Path) -> Path:
         with stage_progress("convert") as progress:
-            return convert_to_gguf(toolchain, model_dir, output, no_mtp=no_mtp,
+            return convert_to_gguf(toolchain, model_dir, output, no_mtp=no_mtp, model_name=model.name,
                                    log_path=convert_stage.log(), progress=progress)
 
     bf16 = _run_stage(timings, convert_stage, convert, "model-bf16.gguf")
@@ -270,26 +292,23 @@ def run_job(options: JobOptions) -> JobResult:
             evals = evaluate_levels(toolchain, bf16, convert_stage.key, levels, imatrix.imatrix,
                                     options.eval_settings, options.work_dir, threads=options.threads,
                                     disk_reserve=options.disk_reserve)
+    def split(gguf: Path) -> list[Path]:  # the card must name the files the repo will hold
+        return split_for_upload(toolchain, gguf, gguf.parent / "split", options.split_bytes,
+                                log_path=options.work_dir / "publish.log")
+
     with timings.stage("output"):
+        kept = kept_levels(target.previous, target.remote_files, {lv.level for lv in levels}) if target else []
         outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages, no_mtp=no_mtp,
                                 output_repo=target.repo_id if target else None, evals=evals,
-                                eval_settings=options.eval_settings if options.evaluate else None)
+                                eval_settings=options.eval_settings if options.evaluate else None,
+                                split=split if target else None, kept=kept)
     publication = None
     if target is not None:
         assert options.token is not None
         with timings.stage("publish"):
-            files = _upload_files(options, toolchain, outputs)
+            files = {gguf.name: gguf for gguf in outputs.ggufs} | outputs.for_upload()
             publication = publish(target, files, token=options.token, volatile=frozenset({outputs.result.name}),
+                                  gguf_stems=[Path(gguf_file_name(model, lv.level)).stem for lv in levels],
                                   message=f"udquant: {', '.join(lv.level for lv in levels)} of "
                                           f"{model.repo_id or model.name}")
     return JobResult(out_dir, outputs.result, model, tuple(levels), timings.stages, publication)
-
-
-def _upload_files(options: JobOptions, toolchain: Toolchain, outputs: OutputFiles) -> dict[str, Path]:
-    """Repo path -> local file: every GGUF (split when large), the recipes, card and result."""
-    files: dict[str, Path] = {}
-    for gguf in outputs.ggufs:
-        for part in split_for_upload(toolchain, gguf, gguf.parent / "split", options.split_bytes,
-                                     log_path=options.work_dir / "publish.log"):
-            files[part.name] = part
-    return files | outputs.for_upload()

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from udquant import __version__
-from udquant.errors import UdquantError
+from udquant.errors import InputError, UdquantError
 from udquant.evaluate import QuantEval, render_eval_table
 from udquant.imatrix import Imatrix
 from udquant.imatrix_discovery import Candidate
@@ -88,6 +88,78 @@ def gguf_file_name(model: ModelInfo, level: str) -> str:
     return f"{model.name}-{level}.gguf"
 
 
+VISION_MARKERS = ("visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
+
+
+def vision_weights(model: ModelInfo) -> list[str]:
+    """The source's vision-tower weights: the converter leaves them out of the text model's GGUF."""
+    return [name for name in model.weight_names if any(marker in name for marker in VISION_MARKERS)]
+
+
+def check_out_dir(out_dir: Path, model: ModelInfo) -> None:
+    """Refuse an output folder where writing would replace what a user made (before any work)."""
+    where = out_dir.resolve()
+    if model.local_dir is not None and where.is_relative_to(model.local_dir.resolve()):
+        raise InputError(f"--out-dir {out_dir} is inside the model folder {model.local_dir}",
+                         hint="choose an output folder outside the model (its files would change the model)")
+    card = out_dir / CARD_NAME
+    if card.is_file() and not _is_udquant_card(card.read_text(errors="replace")):
+        raise InputError(f"{card} was not written by udquant and would be replaced",
+                         hint="choose another --out-dir, or move that file")
+    result = out_dir / RESULT_NAME
+    if result.is_file():
+        try:
+            made_from = json.loads(result.read_text())["inputs"]["source"]
+        except (ValueError, KeyError, TypeError):
+            made_from = None
+        if made_from != (model.repo_id or model.name):
+            raise InputError(f"{out_dir} holds udquant's results for {made_from or 'another model'}, "
+                             f"not for {model.repo_id or model.name}", hint="choose another --out-dir")
+
+
+def _is_udquant_card(text: str) -> bool:
+    if not text.startswith("---"):
+        return False
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return False
+    return isinstance(front, dict) and front.get("quantized_by") == "udquant"
+
+
+def kept_levels(previous: dict[str, Any] | None, remote_files: frozenset[str], made: set[str]) -> list[dict[str, Any]]:
+    """The levels an earlier run published that this one does not make again and whose files are all still there."""
+    if not previous:
+        return []
+    kept = []
+    for record in previous.get("levels") or []:
+        if not isinstance(record, dict) or record.get("level") in made:
+            continue
+        files = record.get("parts") or [record.get("file")]
+        if all(isinstance(name, str) and name in remote_files for name in files):
+            earlier = record.get("kept_from") or {
+                "created_at": previous.get("created_at"),
+                "llama_cpp": (previous.get("llama_cpp") or {}).get("tag"),
+                "imatrix": (previous.get("imatrix") or {}).get("source")}
+            kept.append(record | {"kept_from": earlier})
+    return kept
+
+
+def _file_cell(level: dict[str, Any]) -> str:
+    parts = level.get("parts")
+    return f"`{parts[0]}` ({len(parts)} parts)" if parts else f"`{level['file']}`"
+
+
+def _imatrix_intro(imatrix: dict[str, Any]) -> str:
+    if imatrix["source"] == "none":
+        return "applied without an importance matrix"
+    if imatrix.get("is_base_model_imatrix"):
+        return "applied with an importance matrix of its **base model** (none of this model was found)"
+    if imatrix["source"] == "file":
+        return "applied with an importance matrix given by whoever ran it (see below)"
+    return "applied with an importance matrix of **this** model (not of its base)"
+
+
 def _provenance_text(provenance: dict[str, Any]) -> str:
     return str(provenance.get("note") or provenance.get("kind") or "unknown")
 
@@ -99,16 +171,25 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         tags.insert(1, "imatrix")
     # base_model must be a Hub model id: a local folder's name is none (and the Hub checks it).
     front: dict[str, Any] = {"base_model": model.repo_id, "base_model_relation": "quantized"} if model.repo_id else {}
+    front |= dict(model.license)  # a quant is under its source's license
     front |= {
         "library_name": "gguf",
         "tags": tags,
         "quantized_by": "udquant",
     }
     file_rows = "\n".join(
-        f"| {lv['level']} | `{lv['file']}` | {lv['size'] / 1e9:.2f} GB | {lv['bits_per_weight']:.2f} "
+        f"| {lv['level']} | {_file_cell(lv)} | {lv['size'] / 1e9:.2f} GB | {lv['bits_per_weight']:.2f} "
         f"| `{lv['recipe']['id']}` |" for lv in levels)
+    earlier = [lv for lv in levels if lv.get("kept_from")]
+    kept_text = "".join(
+        f"\n- Kept from an earlier run: {lv['level']} (made {lv['kept_from'].get('created_at')} with llama.cpp "
+        f"{lv['kept_from'].get('llama_cpp')}, importance matrix: {lv['kept_from'].get('imatrix')})" for lv in earlier)
+    made_now = [lv for lv in levels if not lv.get("kept_from")]
+    if vision_weights(model):
+        kept_text += "\n- Text only: the source's vision tower is not in these files (no mmproj file)"
     type_rows = "\n".join(f"- **{lv['level']}**: {lv['summary']}" for lv in levels)
-    provenance = "; ".join(f"`{lv['recipe']['id']}`: {_provenance_text(lv['recipe']['provenance'])}" for lv in levels)
+    provenance = "; ".join(f"`{lv['recipe']['id']}`: {_provenance_text(lv['recipe']['provenance'])}"
+                           for lv in made_now)
     if imatrix["source"] == "none":
         imatrix_text = "none"
     else:
@@ -126,9 +207,10 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         source_link=f"https://huggingface.co/{model.repo_id}" if model.repo_id else ".",
         source_revision=f" at revision `{model.revision}`" if model.revision else "",
         file_rows=file_rows, type_rows=type_rows, eval_section=eval_section, provenance=provenance,
-        imatrix=imatrix_text,
+        imatrix=imatrix_text, imatrix_intro=_imatrix_intro(imatrix), kept=kept_text,
         llama_cpp=f"{toolchain.tag} ({toolchain.commit}, {toolchain.backend})",
-        run_model=f"-hf {output_repo}:{levels[0]['level']}" if output_repo else f"-m {levels[0]['file']}",
+        run_model=f"-hf {output_repo}:{levels[0]['level']}" if output_repo
+        else f"-m {(levels[0].get('parts') or [levels[0]['file']])[0]}",
     )
     check_card(text, front)
     return text
@@ -160,8 +242,13 @@ class OutputFiles:
 def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], imatrix: ImatrixUse,
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
                   no_mtp: bool = False, output_repo: str | None = None, evals: Sequence[QuantEval] = (),
-                  eval_settings: EvalSettings | None = None) -> OutputFiles:
-    """Place verified files and write card and result JSON into out_dir."""
+                  eval_settings: EvalSettings | None = None, split: Callable[[Path], list[Path]] | None = None,
+                  kept: Sequence[dict[str, Any]] = ()) -> OutputFiles:
+    """Place verified files and write card and result JSON into out_dir.
+
+    split turns a GGUF into the files to upload (its shards when large); kept are records of
+    levels an earlier run published and this one leaves in place.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
     level_records = []
@@ -169,7 +256,8 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
     for level in levels:
         name = gguf_file_name(model, level.level)
         _place(level.source, out_dir / name, link=True)
-        ggufs.append(out_dir / name)
+        parts = split(out_dir / name) if split else [out_dir / name]
+        ggufs.extend(parts)
         recipe_name = f"{model.name}-{level.level}.recipe.yaml"
         if level.recipe.source_path is not None:
             # A copy: a link would let an edit of the output change the library's recipe.
@@ -182,7 +270,8 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
             "type_counts": check.type_counts, "summary": check.summary, "n_tensors": check.n_tensors,
             "recipe": {"id": level.recipe.id, "base": level.recipe.base, "file": recipe_name,
                        "sha256": level.recipe.digest, "provenance": level.recipe.provenance},
-        })
+        } | ({"parts": [p.name for p in parts]} if len(parts) > 1 else {}))
+    level_records += kept
     imatrix_record = imatrix.describe()
     plot = None
     if evals:

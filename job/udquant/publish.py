@@ -7,17 +7,20 @@ refuses files over 50 GB).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from udquant.errors import HubError, InputError
 from udquant.hub import HUB_ERRORS, hub_error
-from udquant.output import sha256_file
+from udquant.output import RESULT_NAME, sha256_file
 from udquant.resolve import validate_repo_id
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
@@ -32,6 +35,10 @@ DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 class Target:
     repo_id: str
     private: bool
+    # The udquant-result.json udquant left in the repo before, if any, and the repo's files:
+    # levels published before and not made again stay in the card.
+    previous: dict[str, Any] | None = field(default=None, repr=False)
+    remote_files: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,16 @@ class Publication:
     url: str
     commit: str | None  # None when nothing changed
     uploaded: tuple[str, ...]
+    deleted: tuple[str, ...] = ()
 
 
-def plan_target(model_name: str, *, output_repo: str | None, private: bool, token: str | None) -> Target:
-    """Where results go; checks the token and the repo before any heavy work is done."""
+def plan_target(model_name: str, source: str, *, output_repo: str | None, private: bool,
+                token: str | None) -> Target:
+    """Where results go; checks the token, the namespace and the repo before any heavy work is done.
+
+    source names the model being quantized: a repo that udquant filled with another model's
+    quants is never written to, nor a repo of the default name that udquant did not make.
+    """
     if not token:
         raise InputError("uploading needs a Hugging Face token with write access in HF_TOKEN",
                          hint="set HF_TOKEN, or pass --no-upload to keep the results local")
@@ -57,18 +70,48 @@ def plan_target(model_name: str, *, output_repo: str | None, private: bool, toke
         raise InputError("the token in HF_TOKEN is read-only: uploading needs write access",
                          hint="use a token with the write role, or pass --no-upload to keep the results local")
     repo_id = validate_repo_id(output_repo or f"{me['name']}/{model_name}-UD-GGUF")
-    if private:
-        # create_repo(private=True) leaves an existing repo as it is: never publish into a public one.
-        try:
-            public = not api.repo_info(repo_id).private
-        except RepositoryNotFoundError:
-            public = False
-        except HUB_ERRORS as err:
-            raise hub_error(repo_id, err) from None
-        if public:
-            raise InputError(f"--private, but {repo_id} already exists and is public",
-                             hint="make it private in its settings on the Hub, or choose another --output-repo")
-    return Target(repo_id, private)
+    namespaces = [me["name"], *(org.get("name") for org in me.get("orgs") or [])]
+    if repo_id.split("/")[0] not in namespaces:
+        raise InputError(f"the token in HF_TOKEN belongs to {me['name']}, who cannot create or write "
+                         f"{repo_id} (namespaces: {', '.join(str(n) for n in namespaces)})",
+                         hint="choose an --output-repo in one of those namespaces")
+    try:
+        info = api.model_info(repo_id)
+    except RepositoryNotFoundError:
+        return Target(repo_id, private)
+    except HUB_ERRORS as err:
+        raise hub_error(repo_id, err) from None
+    # create_repo(private=True) leaves an existing repo as it is: never publish into a public one.
+    if private and not info.private:
+        raise InputError(f"--private, but {repo_id} already exists and is public",
+                         hint="make it private in its settings on the Hub, or choose another --output-repo")
+    files = {s.rfilename for s in info.siblings or []}
+    previous = _previous_result(api, repo_id) if RESULT_NAME in files else None
+    if previous is not None:
+        made_from = (previous.get("inputs") or {}).get("source")
+        if made_from != source:
+            raise InputError(f"{repo_id} holds udquant's quants of {made_from}, not of {source}",
+                             hint="choose another --output-repo")
+    elif files - {".gitattributes"}:
+        if output_repo is None:
+            raise InputError(f"{repo_id} already exists and was not made by udquant",
+                             hint=f"name it with --output-repo {repo_id} to publish into it anyway, "
+                                  "or choose another --output-repo")
+        if "README.md" in files:
+            logger.warning("%s was not made by udquant: its README.md will be replaced by udquant's card "
+                           "(the repo's history keeps the old one)", repo_id)
+    return Target(repo_id, private, previous, frozenset(files))
+
+
+def _previous_result(api: HfApi, repo_id: str) -> dict[str, Any] | None:
+    try:
+        path = hf_hub_download(repo_id, RESULT_NAME, token=api.token)
+        data = json.loads(Path(path).read_text())
+    except HUB_ERRORS as err:
+        raise hub_error(repo_id, err) from None
+    except ValueError:
+        return None  # not udquant's JSON after all: treated as a file udquant did not make
+    return data if isinstance(data, dict) else None
 
 
 def git_blob_id(path: Path) -> str:
@@ -119,22 +162,35 @@ def changed_files(api: HfApi, repo_id: str, files: dict[str, Path]) -> list[str]
     return [name for name, path in files.items() if name not in remote or not _matches(path, remote[name])]
 
 
+def stale_files(remote: set[str], files: dict[str, Path], gguf_stems: list[str]) -> list[str]:
+    """Remote GGUFs of the levels being published (whole or split) that this upload does not hold."""
+    of_level = [re.compile(re.escape(stem) + r"(-\d{5}-of-\d{5})?\.gguf") for stem in gguf_stems]
+    return sorted(name for name in remote - set(files) if any(p.fullmatch(name) for p in of_level))
+
+
 def publish(target: Target, files: dict[str, Path], *, token: str, message: str,
-            volatile: frozenset[str] = frozenset()) -> Publication:
+            volatile: frozenset[str] = frozenset(), gguf_stems: list[str] | None = None) -> Publication:
     """Create the repo if needed and upload the changed files (repo path -> local file) in ONE commit.
 
     Files in volatile (the result JSON: it holds timings) are uploaded only along with a real change.
+    The same commit deletes the repo's GGUFs of the published levels (gguf_stems) that it replaces:
+    a level once split and now whole, or the other way round.
     """
     api = HfApi(token=token)
     try:
         url = str(api.create_repo(target.repo_id, private=target.private, exist_ok=True, repo_type="model"))
         changed = changed_files(api, target.repo_id, files)
-        if not set(changed) - volatile:
+        stale = stale_files(set(api.list_repo_files(target.repo_id)), files, gguf_stems or [])
+        if not set(changed) - volatile and not stale:
             logger.info("publish: %s already holds these exact files; nothing uploaded", target.repo_id)
             return Publication(target.repo_id, url, None, ())
         upload = sorted(set(changed) | (volatile & set(files)))
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(files[name])) for name in upload]
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(files[name])) for name in upload]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
         commit = api.create_commit(target.repo_id, operations=operations, commit_message=message)
     except HUB_ERRORS as err:
         raise hub_error(target.repo_id, err) from None
-    return Publication(target.repo_id, url, commit.oid, tuple(upload))
+    if stale:
+        logger.info("publish: removed %s, replaced by this upload", ", ".join(stale))
+    return Publication(target.repo_id, url, commit.oid, tuple(upload), tuple(stale))

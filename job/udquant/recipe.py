@@ -58,6 +58,9 @@ NEVER_QUANTIZED_BY_ARCH = {
 SELECTORS = ("all", "more_bits")
 MAX_PATTERN_LENGTH = 300
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+# Names of every kind a catch-all rule must match.
+_ANY_TENSOR = ("token_embd.weight", "output.weight", "blk.0.attn_q.weight", "blk.63.ffn_down_exps.weight",
+               "blk.7.ssm_alpha.weight", "v.blk.0.attn_qkv.weight", "mm.0.weight", "per_layer_token_embd.weight")
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,10 @@ def parse_recipe(data: Any, where: str, source_path: Path | None = None) -> Reci
     level = str(data.get("level") or str(data["id"]).rsplit("/", 1)[-1])
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", level):
         raise RecipeError(f"{where}: level {level!r} must be letters, digits, '_', '.' or '-' (it names files)")
+    last = rules[-1]
+    if last.layers is not None or last.select != "all" or not all(last.matches(n) for n in _ANY_TENSOR):
+        raise RecipeError(f"{where}: the last rule must be a catch-all that types every tensor the others "
+                          f"leave, not {last.match!r}", hint="end the rules with {match: '.*', type: ...}")
     made_for = data.get("made_for") or {}
     if not isinstance(made_for, dict) or not isinstance(made_for.get("layers", 0), int):
         raise RecipeError(f"{where}: made_for must give the template's layer count as 'layers'")
@@ -311,18 +318,49 @@ def main_layer_count(metadata: dict[str, Any]) -> tuple[int, int]:
     return blocks - nextn, nextn
 
 
-def map_layers(layers: tuple[int, ...], template_main: int, target_main: int) -> frozenset[int]:
+def map_layers(layers: tuple[int, ...], template_main: int, target_main: int,
+               role_layers: tuple[int, ...]) -> frozenset[int]:
     """Carry a template's layer list to a model with another depth, by relative depth.
 
-    MTP/NextN layers (numbered after the main layers) keep their offset from the end of
-    the main stack.
+    role_layers are the model's layers that hold the rule's tensors (full attention may sit on
+    every 4th layer only). Each listed layer lands on the nearest of them, so none is lost on a
+    shallower model; on a deeper one, every role layer inside a listed layer's depth span gets it
+    too. MTP/NextN layers (numbered after the main stack) keep their offset from its end.
     """
     if template_main == target_main or template_main <= 0:
         return frozenset(layers)
-    wanted = set(layers)
-    mapped = {t for t in range(target_main) if t * template_main // target_main in wanted}
-    mapped |= {target_main + (n - template_main) for n in wanted if n >= template_main}
+    listed = {n for n in layers if n < template_main}
+    roles = [n for n in role_layers if n < target_main]
+
+    def depth(n: int, count: int) -> float:
+        return (n + 0.5) / count
+
+    mapped = {t for t in roles if int(depth(t, target_main) * template_main) in listed}
+    if roles:
+        mapped |= {min(roles, key=lambda t: abs(depth(t, target_main) - depth(n, template_main))) for n in listed}
+    mapped |= {target_main + (n - template_main) for n in layers if n >= template_main}
     return frozenset(mapped)
+
+
+def type_bits(type_name: str) -> float:
+    """Bits per weight of a ggml type."""
+    block, size = GGML_QUANT_SIZES[parse_ggml_type(type_name)]
+    return 8 * size / block
+
+
+def _tied_embedding_rule(recipe: Recipe, chosen: dict[str, int], names: set[str]) -> int | None:
+    """The rule a tied token_embd (no output.weight) takes: it is also the output head.
+
+    llama.cpp gives a tied token_embd the output's type; an explicit output rule (not the
+    catch-all) with more bits than token_embd's own therefore wins.
+    """
+    if "output.weight" in names or "token_embd.weight" not in chosen:
+        return None
+    for index, rule in enumerate(recipe.rules[:-1]):
+        if rule.layers is None and rule.select == "all" and rule.matches("output.weight"):
+            own = recipe.rules[chosen["token_embd.weight"]].type
+            return index if type_bits(rule.type) > type_bits(own) else None
+    return None
 
 
 def plan_quantization(recipe: Recipe, header: GGUFHeader) -> QuantPlan:
@@ -333,15 +371,21 @@ def plan_quantization(recipe: Recipe, header: GGUFHeader) -> QuantPlan:
     template_main = int(recipe.made_for.get("layers", 0)) - int(recipe.made_for.get("nextn_layers", 0))
     chosen: dict[str, int] = {}
     for index, rule in enumerate(recipe.rules):
-        pending = sorted((t for t in candidates if t.name not in chosen and rule.matches(t.name)),
-                         key=lambda t: (layer_of(t.name), t.name))
-        layers = map_layers(rule.layers, template_main, target_main) if rule.layers is not None else None
-        for ordinal, tensor in enumerate(pending):
-            if layers is not None and layer_of(tensor.name) not in layers:
+        # llama.cpp's counters run over every tensor of the role, claimed by an earlier rule or not.
+        matching = sorted((t for t in candidates if rule.matches(t.name)), key=lambda t: (layer_of(t.name), t.name))
+        layers = None
+        if rule.layers is not None:
+            role_layers = tuple(sorted({layer_of(t.name) for t in matching if layer_of(t.name) >= 0}))
+            layers = map_layers(rule.layers, template_main, target_main, role_layers)
+        for ordinal, tensor in enumerate(matching):
+            if tensor.name in chosen or (layers is not None and layer_of(tensor.name) not in layers):
                 continue
-            if rule.select == "more_bits" and not use_more_bits(ordinal, len(pending)):
+            if rule.select == "more_bits" and not use_more_bits(ordinal, len(matching)):
                 continue
             chosen[tensor.name] = index
+    tied = _tied_embedding_rule(recipe, chosen, {t.name for t in header.tensors})
+    if tied is not None:
+        chosen["token_embd.weight"] = tied
     untyped = [t.name for t in candidates if t.name not in chosen]
     if untyped:
         raise RecipeError(f"recipe {recipe.id} leaves {len(untyped)} tensors without a type, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -18,6 +19,13 @@ from udquant.library import recipes_dir
 REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 MTP_CONFIG_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers")
 MTP_WEIGHT_MARKERS = ("mtp.", ".mtp_", "nextn")
+# The architectures whose class in the pinned converter has Qwen's MTP wiring (_QwenMtpMixin in
+# conversion/qwen.py), the only ones of ours it takes --no-mtp for. Without --no-mtp it adds
+# mtp_num_hidden_layers blocks or, when the config says none (or 0), as many as the
+# mtp.layers.<i>.* weights hold, and fails (assert self.opt_num_mtp_layers != 0) if they hold none.
+MTP_ARCHITECTURES = frozenset({"Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"})
+# The converter first drops "language_model." from names (model.language_model.mtp... in multimodal ones).
+_MTP_LAYER_WEIGHT = re.compile(r"(?:model\.)?mtp\.layers\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -34,18 +42,48 @@ class ModelInfo:
     n_params: int
     weights_bytes: int
     weight_names: tuple[str, ...]
-    declared_mtp_layers: int
+    declared_mtp_layers: int  # what config.json declares (mtp_num_hidden_layers, num_nextn_predict_layers)
     base_models: tuple[str, ...] = ()  # the card's base_model chain, nearest first
     vocab_size: int = 0  # from config.json; 0 when it does not say
+    license: tuple[tuple[str, str], ...] = ()  # the card's license, license_name, license_link
+    # The top-level weight files (and index) the converter reads: what a Hub download fetches.
+    weight_files: tuple[str, ...] = ()
 
     @property
     def mtp_weights_present(self) -> bool:
         return any(marker in name for name in self.weight_names for marker in MTP_WEIGHT_MARKERS)
 
     @property
+    def supports_mtp(self) -> bool:
+        """Whether the pinned converter handles MTP layers (and so takes --no-mtp) for this architecture."""
+        return self.hf_architecture in MTP_ARCHITECTURES
+
+    @property
     def needs_no_mtp(self) -> bool:
-        """The config declares MTP layers that the checkpoint does not carry (common in distills)."""
-        return self.declared_mtp_layers > 0 and not self.mtp_weights_present
+        """The converter must be told --no-mtp: the config declares MTP layers the checkpoint does not
+        carry (common in distills), or declares none and the weights hold no MTP layer either."""
+        if not self.supports_mtp:
+            return False
+        if self.declared_mtp_layers > 0:
+            return not self.mtp_weights_present
+        return not any(_MTP_LAYER_WEIGHT.match(name.replace("language_model.", "")) for name in self.weight_names)
+
+
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def card_license(data: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """The license keys a model card's metadata sets (a quant must carry them along)."""
+    data = data or {}
+    return tuple((key, str(data[key])) for key in LICENSE_KEYS if isinstance(data.get(key), str) and data[key])
+
+
+def check_mtp_option(model: ModelInfo, no_mtp: bool | None) -> None:
+    """Refuse --no-mtp where the pinned converter would (it has no MTP handling for the architecture)."""
+    if no_mtp and not model.supports_mtp:
+        raise InputError(f"--no-mtp does not apply to {model.hf_architecture}: the pinned converter has no MTP "
+                         "layers to drop for it (it refuses the option)",
+                         hint=f"leave out --no-mtp; MTP layers exist in {', '.join(sorted(MTP_ARCHITECTURES))}")
 
 
 def supported_architectures() -> dict[str, str]:
@@ -99,6 +137,16 @@ def config_vocab_size(config: dict[str, Any]) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
+def local_model_name(directory: Path) -> str:
+    """The name the user gave the folder: a symlink's own name, not its target's; for a snapshot in the
+    Hugging Face cache (models--owner--Name/snapshots/<commit>), the repo's name, not the commit."""
+    path = Path(os.path.abspath(directory))  # ".." and "." made plain, symlinks kept
+    repo_folder = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo_folder.startswith("models--") and repo_folder.count("--") >= 2:
+        return repo_folder.split("--")[-1]
+    return path.name
+
+
 def resolve_local(directory: Path, source: str) -> ModelInfo:
     if not directory.is_dir():
         raise InputError(f"{source}: no such directory")
@@ -126,11 +174,24 @@ def resolve_local(directory: Path, source: str) -> ModelInfo:
             count *= dim
         n_params += count
     return ModelInfo(
-        source=source, name=directory.resolve().name, repo_id=None, revision=None,
+        source=source, name=local_model_name(directory), repo_id=None, revision=None,
         local_dir=directory.resolve(), hf_architecture=hf_arch, llama_arch=llama_arch,
         n_params=n_params, weights_bytes=sum(p.stat().st_size for p in weights),
+        weight_files=tuple(p.name for p in weights),
         weight_names=tuple(sorted(shapes)), declared_mtp_layers=declared_mtp,
-        vocab_size=config_vocab_size(config))
+        vocab_size=config_vocab_size(config), license=_local_card_license(directory))
+
+
+def _local_card_license(directory: Path) -> tuple[tuple[str, str], ...]:
+    card = directory / "README.md"
+    if not card.is_file():
+        return ()
+    from huggingface_hub import ModelCard
+
+    try:
+        return card_license(ModelCard.load(card).data.to_dict())
+    except (ValueError, yaml.YAMLError, OSError):
+        return ()  # a card whose metadata cannot be read names no license
 
 
 def resolve_model(source: str, *, revision: str | None = None, token: str | None = None) -> ModelInfo:

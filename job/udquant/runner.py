@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from collections import deque
@@ -70,7 +71,16 @@ def run_tool(argv: Sequence[str | os.PathLike[str]], *, stage: str, log_path: Pa
     if returncode != 0:
         text = "\n".join(tail)
         hint = next((h for needle, h in (hint_for or {}).items() if needle in text), None)
-        raise ToolError(stage, tool, returncode, text, log_path, hint=hint)
+        raise ToolError(stage, tool, returncode, text, log_path, hint=signal_hint(returncode) or hint)
+
+
+def signal_hint(returncode: int) -> str | None:
+    """What a tool's death by a signal (a negative return code) most likely means."""
+    # Nothing in the tool's own output says so: "Killed" is what a shell prints, not the process.
+    if returncode == -signal.SIGKILL:
+        return ("SIGKILL most likely came from the kernel's out-of-memory killer: the machine (or the "
+                "container's memory limit) ran out of memory; give it more memory, or close other programs")
+    return None
 
 
 def _follow(proc: subprocess.Popen[bytes], follow: TextIO, tail: deque[str], progress: StageProgress | None) -> int:

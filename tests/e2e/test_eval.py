@@ -38,7 +38,8 @@ CHUNKS, CONTEXT = 4, 256
 
 def convert(toolchain, model: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    return convert_to_gguf(toolchain, model, folder / "model-bf16.gguf", no_mtp=False, log_path=folder / "convert.log")
+    return convert_to_gguf(toolchain, model, folder / "model-bf16.gguf", no_mtp=False, model_name="tiny",
+                           log_path=folder / "convert.log")
 
 
 @pytest.fixture(scope="module")

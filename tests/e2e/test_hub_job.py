@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def imatrices(llama, odd_llama, toolchain, tmp_path_factory) -> dict[str, Path]:
 
 def add_distill(hub, model_dir: Path, *, gated: bool = False) -> None:
     files = {p.name: p for p in model_dir.iterdir() if p.is_file()}
-    hub.state.add_repo(DISTILL, files, gated=gated, card_data={"base_model": "base-org/Tiny-Base"})
+    hub.state.add_repo(DISTILL, files, gated=gated, card_data={"base_model": "base-org/Tiny-Base",
+                                                               "license": "apache-2.0"})
     hub.state.add_repo("base-org/Tiny-Base", {"README.md": b"# base"}, card_data={})
 
 
@@ -105,9 +107,69 @@ def test_upload_settings_that_would_fail_or_leak_are_refused_before_any_work(hub
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("convert-*"))
     assert hub.state.repos["tester/Tiny-Distill-UD-GGUF"].commits == []
     hub.state.repos["tester/Tiny-Distill-UD-GGUF"].private = True
+    # A repo of the default name that udquant did not make is written only when named.
     proc = job("--private", "--quant", "UD-Q4_K_XL", "--imatrix", "none", cwd=tmp_path)
+    assert proc.returncode == 2 and "tester/Tiny-Distill-UD-GGUF already exists and was not made by udquant" \
+        in proc.stderr
+    proc = job("--private", "--quant", "UD-Q4_K_XL", "--imatrix", "none", "--output-repo",
+               "tester/Tiny-Distill-UD-GGUF", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(hub.state.repos["tester/Tiny-Distill-UD-GGUF"].commits) == 1
+
+
+def test_repos_of_other_models_and_foreign_namespaces_are_never_written(hub, llama, tmp_path):
+    add_distill(hub, llama)
+    other = {"udquant-result.json": json.dumps({"inputs": {"source": "otherorg/Tiny-Distill"}}).encode(),
+             "Tiny-Distill-UD-Q5_K_XL.gguf": b"theirs"}
+    hub.state.add_repo("tester/Tiny-Distill-UD-GGUF", other)
+    proc = job(cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "holds udquant's quants of otherorg/Tiny-Distill, not of someone/Tiny-Distill" in proc.stderr
+    proc = job("--output-repo", "meta-llama/Stolen-UD-GGUF", cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot create or write meta-llama/Stolen-UD-GGUF" in proc.stderr
+    assert not list((tmp_path / "work").glob("convert-*"))  # refused before any work
+    assert hub.state.repos["tester/Tiny-Distill-UD-GGUF"].commits == []
+    # An organization the user belongs to is fine.
+    hub.state.orgs["tester"] = ["team"]
+    proc = job("--output-repo", "team/Tiny-Distill-UD-GGUF", "--imatrix", "none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "team/Tiny-Distill-UD-GGUF" in hub.state.repos
+
+
+def test_the_repo_holds_what_its_card_describes_across_reruns(hub, llama, tmp_path):
+    add_distill(hub, llama)
+    repo_id = "tester/Tiny-Distill-UD-GGUF"
+    proc = job("--imatrix", "none", "--split-size-gb", "0.0005", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    repo = hub.state.repos[repo_id]
+    shards = sorted(name for name in repo.files if name.endswith(".gguf"))
+    assert len(shards) >= 2 and all(re.fullmatch(r"Tiny-Distill-UD-Q5_K_XL-\d{5}-of-\d{5}\.gguf", s) for s in shards)
+    card = ModelCard(repo.files["README.md"].data.decode())
+    assert f"`{shards[0]}` ({len(shards)} parts)" in card.text and "UD-Q5_K_XL.gguf`" not in card.text
+    assert card.data.license == "apache-2.0"  # the distill's license goes along
+    assert "applied without an importance matrix" in card.text and "**this** model" not in card.text
+    result = json.loads(repo.files["udquant-result.json"].data)
+    assert result["levels"][0]["parts"] == shards
+    # The converter names the model after the distill, not after its download folder.
+    assert read_gguf_header(tmp_path / "out" / "Tiny-Distill-UD-Q5_K_XL.gguf").metadata["general.name"] \
+        == "Tiny-Distill"
+
+    # Whole this time: the shards go in the same commit.
+    proc = job("--imatrix", "none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {name for name in repo.files if name.endswith(".gguf")} == {"Tiny-Distill-UD-Q5_K_XL.gguf"}
+    assert len(repo.commits) == 2
+
+    # Another level: the first stays in the repo and in its card.
+    proc = job("--imatrix", "none", "--quant", "UD-Q4_K_XL", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {name for name in repo.files if name.endswith(".gguf")} == {
+        "Tiny-Distill-UD-Q5_K_XL.gguf", "Tiny-Distill-UD-Q4_K_XL.gguf"}
+    result = json.loads(repo.files["udquant-result.json"].data)
+    assert [lv["level"] for lv in result["levels"]] == ["UD-Q4_K_XL", "UD-Q5_K_XL"]
+    card_text = repo.files["README.md"].data.decode()
+    assert "| UD-Q5_K_XL | `Tiny-Distill-UD-Q5_K_XL.gguf` |" in card_text
+    assert "Kept from an earlier run: UD-Q5_K_XL" in card_text
 
 
 def test_gated_repo_without_token(hub, llama, tmp_path):

@@ -45,3 +45,31 @@ def test_qwen35_distill_end_to_end(qwen35, toolchain, tmp_path):
     run = subprocess.run([toolchain.tool("llama-perplexity"), "-m", gguf, "-f", data_file("eval.txt"), "-c", "128",
                           "--chunks", "1"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def qwen35_undeclared(tmp_path_factory) -> Path:
+    # No mtp_num_hidden_layers in config.json and no MTP weights: the pinned converter then counts
+    # MTP layers from the weights and fails its assert unless given --no-mtp.
+    return make_tiny_qwen35(tmp_path_factory.mktemp("q35-undeclared") / "tiny-qwen35-nodecl", num_layers=4,
+                            declare_mtp=False)
+
+
+def test_qwen35_without_declared_mtp_converts_with_no_mtp(qwen35_undeclared, toolchain, tmp_path):
+    assert "mtp_num_hidden_layers" not in json.loads((qwen35_undeclared / "config.json").read_text())
+    proc = run_cli(qwen35_undeclared, "--work-dir", tmp_path / "work", "--out-dir", tmp_path / "out",
+                   "--imatrix", "none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "udquant-result.json").read_text())
+    assert result["inputs"]["no_mtp"] is True
+    header = read_gguf_header(tmp_path / "out" / result["levels"][0]["file"])
+    assert header.metadata["qwen35.block_count"] == 4 and "qwen35.nextn_predict_layers" not in header.metadata
+
+
+def test_keeping_mtp_the_checkpoint_lacks_fails_with_a_true_hint(qwen35_undeclared, toolchain, tmp_path):
+    proc = run_cli(qwen35_undeclared, "--mtp", "--work-dir", tmp_path / "work", "--out-dir", tmp_path / "out",
+                   "--imatrix", "none", cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert "assert self.opt_num_mtp_layers != 0" in proc.stderr
+    assert "declares no mtp_num_hidden_layers and its weights hold no mtp.layers.* tensors" in proc.stderr
+    assert "rerun with --no-mtp" in proc.stderr

@@ -107,11 +107,65 @@ def test_missing_keys_are_named():
         parse_recipe({"id": "t", "rules": []}, "test.yaml")
 
 
-def test_rules_that_leave_a_tensor_untyped_are_rejected():
-    recipe = parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M",
-                           "rules": [{"match": "blk\\..*", "type": "q5_K"}]}, "t.yaml")
-    with pytest.raises(RecipeError, match="leaves 2 tensors without a type, e.g. token_embd.weight, output.weight"):
-        plan_quantization(recipe, header_of(llama_layout()))
+@pytest.mark.parametrize("last", [{"match": "blk\\..*", "type": "q5_K"},
+                                  {"match": ".*", "type": "q5_K", "layers": [0]},
+                                  {"match": ".*", "type": "q5_K", "select": "more_bits"}])
+def test_recipes_without_a_catch_all_are_rejected_when_loaded(last):
+    # On load, not after a download and a BF16 conversion of tens of GB.
+    with pytest.raises(RecipeError, match="the last rule must be a catch-all"):
+        parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M", "rules": [last]}, "t.yaml")
+
+
+def _rules(*rules):
+    return parse_recipe({"id": "t", "arch": "qwen35", "base": "Q5_K_M", "made_for": {"layers": 64},
+                         "rules": [*rules, {"match": ".*", "type": "q5_K"}]}, "t.yaml")
+
+
+def _qwen35(n_layers, tied=False):
+    header = header_of(qwen35_layout(n_layers=n_layers, hidden=1024, ffn=3072, vocab=4096, tied=tied))
+    return type(header)(3, {"general.architecture": "qwen35", "qwen35.block_count": n_layers}, header.tensors, 0, 32)
+
+
+def _layers_of(plan, role, type_name):
+    return sorted(int(t.name.split(".")[1]) for t in plan.tensors
+                  if t.name.endswith(f".{role}.weight") and t.expected == type_name)
+
+
+@pytest.mark.parametrize(("depth", "attn_v", "ffn_down"), [
+    (64, [3, 7, 63], [1, 3, 5]),
+    (32, [3, 31], [0, 1, 2]),  # attention sits on every 4th layer: 3 and 7 both land on 3
+    (24, [3, 23], [0, 1, 2]),
+    (128, [7, 15, 127], [2, 3, 6, 7, 10, 11]),  # a deeper model: each listed layer's whole span
+])
+def test_layer_lists_land_on_layers_of_their_role_at_any_depth(depth, attn_v, ffn_down):
+    recipe = _rules({"match": "blk\\.\\d+\\.attn_v\\.weight", "type": "q8_0", "layers": [3, 7, 63]},
+                    {"match": "blk\\.\\d+\\.ffn_down\\.weight", "type": "q6_K", "layers": [1, 3, 5]})
+    plan = plan_quantization(recipe, _qwen35(depth))
+    assert _layers_of(plan, "attn_v", "q8_0") == attn_v
+    assert _layers_of(plan, "ffn_down", "q6_K") == ffn_down
+
+
+def test_a_tied_embedding_takes_the_output_rule_when_it_has_more_bits():
+    recipe = _rules({"match": "token_embd\\.weight", "type": "q4_K"}, {"match": "output\\.weight", "type": "q6_K"})
+    types = {t.name: t.expected for t in plan_quantization(recipe, _qwen35(4, tied=True)).tensors}
+    assert types["token_embd.weight"] == "q6_K" and "output.weight" not in types
+    untied = {t.name: t.expected for t in plan_quantization(recipe, _qwen35(4)).tensors}
+    assert (untied["token_embd.weight"], untied["output.weight"]) == ("q4_K", "q6_K")
+    # The catch-all is no output rule, and fewer bits never win.
+    only_embd = _rules({"match": "token_embd\\.weight", "type": "q8_0"}, {"match": "output\\.weight", "type": "q6_K"})
+    assert {t.name: t.expected for t in plan_quantization(only_embd, _qwen35(4, tied=True)).tensors}[
+        "token_embd.weight"] == "q8_0"
+
+
+def test_more_bits_counts_tensors_an_earlier_rule_claimed():
+    # llama.cpp counts every ffn_down: one claimed by an earlier rule must not shift the others.
+    library = find_recipe("UD-Q5_K_XL", "qwen35")
+    data = yaml.safe_load(library.source_path.read_text())
+    data["rules"].insert(0, {"match": "blk\\.30\\.ffn_down\\.weight", "type": "q8_0"})
+    header = header_of(qwen35_layout())
+    before = {t.name: t.expected for t in plan_quantization(library, header).tensors}
+    after = {t.name: t.expected for t in plan_quantization(parse_recipe(data, "t"), header).tensors}
+    assert {name for name in before if before[name] != after[name]} == {"blk.30.ffn_down.weight"}
 
 
 def test_layer_lists_pick_exact_layers():

@@ -1,12 +1,15 @@
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fakes.hub_models import safetensors_header_only
 from udquant.errors import InputError, UnsupportedArchitectureError
-from udquant.resolve import resolve_model, validate_repo_id
+from udquant.resolve import check_mtp_option, resolve_model, validate_repo_id
 
 
 def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
@@ -86,3 +89,101 @@ def test_broken_config_and_weights(tmp_path):
     (path / "config.json").write_text("{}")
     with pytest.raises(InputError, match="names no architecture"):
         resolve_model(str(path))
+
+
+QWEN35 = "Qwen3_5ForConditionalGeneration"
+TEXT = {"model.language_model.embed_tokens.weight": [16, 8]}
+
+
+@pytest.mark.parametrize("config", [{"architectures": [QWEN35]},  # the key left out, as some distills do
+                                    {"architectures": [QWEN35], "text_config": {"mtp_num_hidden_layers": 0}},
+                                    {"architectures": ["Qwen3_5ForCausalLM"], "mtp_num_hidden_layers": 0}])
+def test_qwen35_without_declared_mtp_needs_no_mtp_unless_weights_hold_mtp_layers(tmp_path, config):
+    """The pinned converter counts MTP layers from the weights when the config says none, and fails
+    (assert self.opt_num_mtp_layers != 0) when they hold none: only --no-mtp gets it through."""
+    model = resolve_model(str(make_model(tmp_path / "distill", config, TEXT)))
+    assert model.declared_mtp_layers == 0 and model.supports_mtp and model.needs_no_mtp
+    for name in ("mtp.layers.0.mlp.up_proj.weight", "model.language_model.mtp.layers.0.mlp.up_proj.weight"):
+        with_layers = resolve_model(str(make_model(tmp_path / name, config, {**TEXT, name: [4, 4]})))
+        assert not with_layers.needs_no_mtp
+    # mtp.fc alone gives the converter no layer to count.
+    only_fc = resolve_model(str(make_model(tmp_path / "fc", config, {**TEXT, "mtp.fc.weight": [4, 4]})))
+    assert only_fc.needs_no_mtp
+
+
+def test_architectures_without_mtp_never_need_no_mtp_and_refuse_it(tmp_path):
+    config = {"architectures": ["Qwen3ForCausalLM"], "num_nextn_predict_layers": 1}
+    model = resolve_model(str(make_model(tmp_path / "q3", config)))
+    assert model.declared_mtp_layers == 1 and not model.supports_mtp and not model.needs_no_mtp
+    with pytest.raises(InputError, match="--no-mtp does not apply to Qwen3ForCausalLM") as err:
+        check_mtp_option(model, True)
+    assert err.value.exit_code == 2
+    check_mtp_option(model, None)
+    check_mtp_option(model, False)
+    check_mtp_option(resolve_model(str(make_model(tmp_path / "q35", {"architectures": [QWEN35]}))), True)
+
+
+def test_cli_refuses_no_mtp_for_llama_before_any_work(tmp_path):
+    folder = make_model(tmp_path / "m", {"architectures": ["LlamaForCausalLM"]})
+    env = {**os.environ, "UDQUANT_LLAMA_CPP": str(tmp_path / "no-toolchain")}
+    done = subprocess.run([str(Path(sys.executable).parent / "udquant-job"), str(folder), "--no-mtp",
+                           "--work-dir", str(tmp_path / "work"), "--no-upload"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "--no-mtp does not apply to LlamaForCausalLM" in done.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_local_name_is_the_given_folders_not_its_target_or_a_snapshot_hash(tmp_path, monkeypatch):
+    target = make_model(tmp_path / "llama", {"architectures": ["LlamaForCausalLM"]})
+    (tmp_path / "My-Distill-7B").symlink_to(target)
+    model = resolve_model(str(tmp_path / "My-Distill-7B"))
+    assert model.name == "My-Distill-7B" and model.local_dir == target
+    snapshot = tmp_path / "hub" / "models--someone--Distill-8B" / "snapshots" / ("a1" * 20)
+    make_model(snapshot, {"architectures": ["LlamaForCausalLM"]})
+    assert resolve_model(str(snapshot) + "/").name == "Distill-8B"
+    monkeypatch.chdir(snapshot)
+    assert resolve_model(".").name == "Distill-8B"
+    monkeypatch.chdir(snapshot / "..")
+    assert resolve_model(f"../snapshots/{snapshot.name}").name == "Distill-8B"
+
+
+def test_hub_weights_are_counted_and_fetched_from_the_top_folder_only(hub, tmp_path):
+    from udquant.hub import download_model
+
+    config = json.dumps({"architectures": ["LlamaForCausalLM"]}).encode()
+    shard = safetensors_header_only({"model.embed_tokens.weight": [16, 8]}) + b"\0" * 256
+    index = json.dumps({"metadata": {},
+                        "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}})
+    copy = b"\1" * 4096  # what a trainer leaves beside the final weights
+    hub.state.add_repo("someone/Distill", {
+        "config.json": config, "model-00001-of-00001.safetensors": shard,
+        "model.safetensors.index.json": index.encode(),
+        "checkpoint-500/model-00001-of-00001.safetensors": copy,
+        "checkpoint-500/model.safetensors.index.json": index.encode(), "original/model.safetensors": copy})
+    model = resolve_model("someone/Distill")
+    assert model.weights_bytes == len(shard)
+    assert model.weight_files == ("model-00001-of-00001.safetensors", "model.safetensors.index.json")
+    folder = download_model(model, tmp_path / "download", token=None)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert not [key for key in hub.state.served if "checkpoint-500" in key or "original" in key]
+
+
+def test_hub_repo_with_weights_only_in_subfolders_is_refused(hub):
+    config = json.dumps({"architectures": ["LlamaForCausalLM"]}).encode()
+    hub.state.add_repo("someone/Nested", {"config.json": config, "checkpoint-9/model.safetensors": b"x"})
+    with pytest.raises(InputError, match=r"no \*.safetensors weights at the top .* checkpoint-9/model.safetensors"):
+        resolve_model("someone/Nested")
+
+
+def test_a_gguf_repo_is_bad_input_not_a_hub_failure(hub):
+    hub.state.add_repo("someone/Foo-GGUF", {"Foo-Q4_K_M.gguf": b"GGUF" + b"\0" * 100, "README.md": b"# Foo"})
+    with pytest.raises(InputError) as err:
+        resolve_model("someone/Foo-GGUF")
+    assert err.value.exit_code == 2
+    assert "someone/Foo-GGUF has no config.json" in err.value.message and "Foo-Q4_K_M.gguf" in err.value.message
+    assert "needs the original safetensors model, not a GGUF" in str(err.value.hint)
+    hub.state.add_repo("someone/Empty", {"README.md": b"# nothing"})
+    with pytest.raises(InputError, match="no config.json: it is not a Hugging Face Transformers checkpoint"):
+        resolve_model("someone/Empty")

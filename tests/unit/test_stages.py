@@ -3,11 +3,16 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from tests.fakes.hub_models import safetensors_header_only
 from tests.layouts import header_of, llama_layout
 from udquant import toolchain as toolchain_module
 from udquant.convert import build_convert_args
@@ -24,10 +29,11 @@ TOOLCHAIN = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
 
 
 def test_convert_args():
-    args = build_convert_args(TOOLCHAIN, Path("/m"), Path("/o.gguf"), no_mtp=True)
+    args = build_convert_args(TOOLCHAIN, Path("/m"), Path("/o.gguf"), no_mtp=True, model_name="m")
     assert args[1:] == ["/tc/src/convert_hf_to_gguf.py", "/m", "--outtype", "bf16", "--outfile", "/o.gguf",
-                        "--no-mtp"]
-    assert "--no-mtp" not in build_convert_args(TOOLCHAIN, Path("/m"), Path("/o.gguf"), no_mtp=False)
+                        "--model-name", "m", "--no-mtp"]
+    kept = build_convert_args(TOOLCHAIN, Path("/m"), Path("/o.gguf"), no_mtp=False, model_name="m")
+    assert "--no-mtp" not in kept and "--model-name" in kept
 
 
 def test_imatrix_args_offload_only_with_gpu():
@@ -56,6 +62,95 @@ def test_tool_failure_carries_the_tail(tmp_path):
     assert "exited with code 3" in text and "line 39" in text and "line 5\n" not in text
     assert "hint: a hint" in text
     assert "line 0" in (tmp_path / "x.log").read_text()
+
+
+def test_a_tool_killed_by_a_signal_is_named_and_sigkill_hints_at_memory(tmp_path):
+    # What the kernel's OOM killer does: SIGKILL, with nothing in the tool's own output.
+    script = "import os, signal\nprint('Loading model', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(ToolError) as err:
+        run_tool([sys.executable, "-c", script], stage="convert", log_path=tmp_path / "x.log",
+                 hint_for={"Loading": "an output hint"})
+    assert err.value.returncode == -signal.SIGKILL
+    assert "was killed by SIGKILL" in err.value.message and "code -9" not in err.value.message
+    assert "out-of-memory killer" in str(err.value.hint)
+    script = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)"
+    with pytest.raises(ToolError) as err:
+        run_tool([sys.executable, "-c", "import faulthandler; faulthandler.disable()\n" + script], stage="quantize",
+                 log_path=tmp_path / "y.log")
+    assert "was killed by SIGSEGV" in err.value.message and err.value.hint is None
+
+
+# A stand-in for the converter: it writes its output (the job's partial file) for ever.
+SLOW_CONVERTER = """import os, sys, time
+output = open(sys.argv[sys.argv.index("--outfile") + 1], "wb")
+pid_file = os.environ["FAKE_CONVERTER_PID_FILE"]
+with open(pid_file + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(pid_file + ".tmp", pid_file)
+while True:
+    output.write(b"x" * 4096)
+    output.flush()
+    time.sleep(0.05)
+"""
+
+
+def _slow_toolchain(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "src").mkdir()
+    (root / "src" / "convert_hf_to_gguf.py").write_text(SLOW_CONVERTER)
+    for tool in TOOLS:
+        (root / "bin" / tool).touch(mode=0o755)
+    (root / "toolchain.json").write_text(json.dumps({"tag": "b11434", "backend": "cpu"}))
+    return root
+
+
+def _tiny_llama_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": 8, "vocab_size": 16}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(safetensors_header_only({"model.embed_tokens.weight": [16, 8]})
+                                               + b"\0" * 256)
+    return folder
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigterm_stops_the_running_tool_and_removes_its_partial(tmp_path):
+    """docker stop / a cancelled HF Job send SIGTERM to udquant-job alone (Ctrl-C reaches the whole
+    process group): the tool it runs must not live on as an orphan writing its partial file."""
+    pid_file = tmp_path / "converter.pid"
+    env = {**os.environ, "UDQUANT_LLAMA_CPP": str(_slow_toolchain(tmp_path / "toolchain")),
+           "FAKE_CONVERTER_PID_FILE": str(pid_file)}
+    work = tmp_path / "work"
+    job = subprocess.Popen([str(Path(sys.executable).parent / "udquant-job"), str(_tiny_llama_folder(tmp_path / "m")),
+                            "--work-dir", str(work), "--out-dir", str(tmp_path / "out"), "--imatrix", "none",
+                            "--no-upload", "--disk-reserve-gb", "0"],
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    converter = None
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_file.exists(), job.communicate(timeout=30)
+        converter = int(pid_file.read_text())
+        assert list(work.glob("convert-*/model-bf16.partial-*.gguf"))
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=30)
+        assert job.returncode == 143, stderr
+        assert "terminated (SIGTERM)" in stderr
+        assert not _running(converter)
+        assert not list(work.glob("convert-*/*.partial-*"))
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        if converter is not None and _running(converter):
+            os.kill(converter, signal.SIGKILL)
 
 
 class RecordedProgress:
