@@ -169,6 +169,10 @@ def _prepare_imatrix(options: JobOptions, model: ModelInfo, toolchain: Toolchain
     if options.imatrix not in IMATRIX_MODES:
         imatrix = read_imatrix(Path(options.imatrix))
         check_imatrix_fits(imatrix, bf16_header)
+        if any("/" in d or "\\" in d for d in imatrix.datasets):
+            logger.warning("%s records its calibration text as %s: llama-quantize copies that into the GGUF's "
+                           "metadata (quantize.imatrix.dataset); the card names the file only",
+                           imatrix.path.name, ", ".join(imatrix.datasets))
         return ImatrixUse("file", imatrix)
     if options.imatrix == "auto" and model.repo_id is not None:
         with timings.stage("find imatrix"):

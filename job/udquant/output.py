@@ -57,9 +57,14 @@ class ImatrixUse:
             "repo": self.origin.repo_id, "origin": self.origin.origin, "for_model": self.origin.for_model,
             "is_base_model_imatrix": self.origin.is_base, "label": self.origin.label}
         return {"source": self.mode, **hub, "file": self.imatrix.path.name, "format": self.imatrix.format,
-                "sha256": sha256_file(self.imatrix.path), "datasets": list(self.imatrix.datasets),
+                "sha256": sha256_file(self.imatrix.path), "datasets": [_file_name(d) for d in self.imatrix.datasets],
                 "chunk_count": self.imatrix.chunk_count, "chunk_size": self.imatrix.chunk_size,
                 "entries": len(self.imatrix.widths), "calibration_sha256": self.calibration_sha256}
+
+
+def _file_name(dataset: str) -> str:
+    """llama-imatrix records the calibration text as given: a local path's folders stay out of cards."""
+    return dataset.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def sha256_file(path: Path) -> str:

@@ -92,7 +92,10 @@ def _read_remote_header(fs: Any, path: str, size: int) -> tuple[GGUFHeader, int]
                 # Grow by half again (few requests for a long header), but by at most GROW_LIMIT
                 # past what is needed, so the overshoot stays small.
                 want = min(size, max(need.needed, len(buf) + min(len(buf) // 2, GROW_LIMIT)))
-                buf += f.read(want - len(buf))
+                more = f.read(want - len(buf))
+                if not more:  # the file is shorter than the size the Hub gave
+                    raise InputError(f"{path}: header is cut short (the file ends after {len(buf)} bytes)") from None
+                buf += more
             except GGUFFormatError as err:
                 raise InputError(f"{path}: not a GGUF file ({err})") from None
 

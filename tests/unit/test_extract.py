@@ -81,3 +81,27 @@ def test_shard_names():
     assert shard_names("m-UD-Q5_K_XL-00002-of-00003.gguf") == [
         "m-UD-Q5_K_XL-00001-of-00003.gguf", "m-UD-Q5_K_XL-00002-of-00003.gguf", "m-UD-Q5_K_XL-00003-of-00003.gguf"]
     assert shard_names("m.gguf") == ["m.gguf"]
+
+
+def test_a_remote_header_shorter_than_its_listed_size_is_an_error_not_a_hang(tmp_path):
+    import io
+    from contextlib import contextmanager
+
+    import pytest
+
+    from tests.layouts import write_sparse_gguf
+    from udquant.errors import InputError
+    from udquant.template import _read_remote_header
+
+    path = tmp_path / "t.gguf"
+    write_sparse_gguf(path, qwen35_layout(n_layers=2, hidden=256, ffn=512, vocab=1024), arch="qwen35",
+                      block_count=2, vocab=1024)
+    head = path.read_bytes()[:3000]
+
+    class ShortFiles:
+        @contextmanager
+        def open(self, *args, **kwargs):
+            yield io.BytesIO(head)
+
+    with pytest.raises(InputError, match="header is cut short"):
+        _read_remote_header(ShortFiles(), "t.gguf", size=path.stat().st_size)

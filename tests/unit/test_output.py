@@ -66,3 +66,13 @@ def test_vision_tower_weights_are_found():
     names = ("model.language_model.layers.0.mlp.down_proj.weight", "model.visual.blocks.0.attn.qkv.weight")
     assert vision_weights(model(weight_names=names)) == ["model.visual.blocks.0.attn.qkv.weight"]
     assert vision_weights(model(weight_names=names[:1])) == []
+
+
+def test_a_given_imatrix_path_shows_only_its_file_name(tmp_path):
+    from udquant.imatrix import Imatrix
+    from udquant.output import ImatrixUse
+
+    path = tmp_path / "mine.imatrix.gguf"
+    path.write_bytes(b"x")
+    imatrix = Imatrix(path, "gguf", {}, ("/home/me/private/calib.txt", "C:\\Users\\me\\c.txt", "wiki"), 4, 512, {})
+    assert ImatrixUse("file", imatrix).describe()["datasets"] == ["calib.txt", "c.txt", "wiki"]
