@@ -96,6 +96,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     mtp.add_argument("--no-mtp", dest="no_mtp", action="store_const", const=True,
                      help="drop MTP layers (default: only when the config declares layers the weights lack)")
     mtp.add_argument("--mtp", dest="no_mtp", action="store_const", const=False, help="keep MTP layers")
+    parser.add_argument("--no-mmproj", dest="mmproj", action="store_false",
+                        help="publish the text model only, without the vision tower's mmproj file")
     parser.add_argument("--calibration", type=Path, help="calibration text for --imatrix compute")
     parser.add_argument("--imatrix-chunks", type=int, default=64)
     parser.add_argument("--imatrix-context", type=int, default=512)
@@ -146,7 +148,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
     return JobOptions(
         source=args.source, levels=tuple(args.levels or (DEFAULT_LEVEL,)), recipe=args.recipe,
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
-        no_mtp=args.no_mtp, calibration=args.calibration, imatrix_chunks=args.imatrix_chunks,
+        no_mtp=args.no_mtp, mmproj=args.mmproj, calibration=args.calibration, imatrix_chunks=args.imatrix_chunks,
         imatrix_context=args.imatrix_context, threads=args.threads,
         disk_reserve=int(args.disk_reserve_gb * 1e9), allow_base_imatrix=args.allow_base_imatrix,
         upload=args.upload, output_repo=args.output_repo, private=args.private,

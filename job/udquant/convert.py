@@ -1,10 +1,12 @@
-"""Convert a Hugging Face checkpoint to a BF16 GGUF with the pinned converter."""
+"""Convert a Hugging Face checkpoint to a BF16 GGUF, and its vision tower to an mmproj GGUF, with the
+pinned converter."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from udquant.errors import VerificationError
 from udquant.gguf_header import read_gguf_header
 from udquant.progress import StageProgress
 from udquant.runner import run_tool
@@ -44,4 +46,32 @@ def convert_to_gguf(toolchain: Toolchain, model_dir: Path, output: Path, *, no_m
         args = build_convert_args(toolchain, model_dir, partial, no_mtp=no_mtp, model_name=model_name)
         run_tool(args, stage="convert", log_path=log_path, env=env, progress=progress, hint_for=CONVERTER_HINTS)
         read_gguf_header(partial)
+    return output
+
+
+MMPROJ_TYPE = "f16"  # what llama.cpp's own vision projectors ship as; every backend runs it
+
+
+MMPROJ_HINTS = {
+    "preprocessor_config": "the model's preprocessor_config.json (image mean and std) is missing or incomplete; "
+                           "pass --no-mmproj to publish the text model only",
+    "is not supported": "the pinned converter cannot export this model's vision tower; "
+                        "pass --no-mmproj to publish the text model only",
+}
+
+
+def export_mmproj(toolchain: Toolchain, model_dir: Path, output: Path, *, model_name: str,
+                  log_path: Path, progress: StageProgress | None = None) -> Path:
+    """Write the vision tower and projector (mmproj GGUF, for llama-mtmd-cli and llama-server)."""
+    env = {"PYTHONPATH": str(toolchain.converter.parent / "gguf-py")}
+    args = [sys.executable, str(toolchain.converter), str(model_dir), "--mmproj", "--outtype", MMPROJ_TYPE,
+            "--model-name", model_name]
+    with atomic_output(output) as partial:
+        run_tool([*args, "--outfile", str(partial)], stage="mmproj", log_path=log_path, env=env,
+                 progress=progress, hint_for=MMPROJ_HINTS)
+        header = read_gguf_header(partial)
+        if header.metadata.get("general.type") != "mmproj" or not header.tensors:
+            raise VerificationError(f"the converter's mmproj file is no vision projector "
+                                    f"(general.type={header.metadata.get('general.type')!r}, "
+                                    f"{len(header.tensors)} tensors)")
     return output

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from udquant.convert import convert_to_gguf
+from udquant.convert import MMPROJ_TYPE, convert_to_gguf, export_mmproj
 from udquant.errors import InputError, RecipeError
 from udquant.evaluate import QuantEval
 from udquant.fetch import bytes_in, check_disk_space, fetch_model, model_dir_for
@@ -67,6 +67,7 @@ class JobOptions:
     work_dir: Path = Path("udquant-out/.work")
     revision: str | None = None
     no_mtp: bool | None = None  # None: decide from config and weights
+    mmproj: bool = True  # export a vision tower, when the model has one, as an mmproj file
     calibration: Path | None = None
     imatrix_chunks: int = 64
     imatrix_context: int = 512
@@ -201,6 +202,20 @@ def _prepare_imatrix(options: JobOptions, model: ModelInfo, toolchain: Toolchain
     return ImatrixUse("computed", imatrix, calibration_sha)
 
 
+def _export_mmproj(options: JobOptions, model: ModelInfo, model_dir: Path, toolchain: Toolchain,
+                   timings: Timings) -> Path:
+    stage = open_stage(options.work_dir, "mmproj", {
+        "model": _model_fingerprint(model), "name": model.name, "type": MMPROJ_TYPE,
+        "llama_cpp": toolchain.tree_sha256})
+
+    def export(output: Path) -> Path:
+        with stage_progress("mmproj") as progress:
+            return export_mmproj(toolchain, model_dir, output, model_name=model.name, log_path=stage.log(),
+                                 progress=progress)
+
+    return _run_stage(timings, stage, export, "mmproj.gguf")
+
+
 def _quantize_level(options: JobOptions, toolchain: Toolchain, bf16: Path, convert_key: str,
                     plan: QuantPlan, imatrix: Imatrix | None, timings: Timings) -> tuple[Path, Verification]:
     level = plan.recipe.level
@@ -248,9 +263,10 @@ def run_job(options: JobOptions) -> JobResult:
                        "converting with --no-mtp" if no_mtp else "--mtp was given, so the converter will look for them")
     out_dir = options.out_dir or Path("udquant-out") / model.name
     check_out_dir(out_dir, model)
-    if (vision := vision_weights(model)):
-        logger.warning("%s has a vision tower (%d tensors, e.g. %s): the GGUF is text only, no mmproj file is made",
-                       model.name, len(vision), vision[0])
+    vision = vision_weights(model)
+    if vision and not options.mmproj:
+        logger.warning("%s has a vision tower (%d tensors): --no-mmproj, so only the text model is published",
+                       model.name, len(vision))
     convert_inputs = {"model": _model_fingerprint(model), "name": model.name, "no_mtp": no_mtp,
                       "llama_cpp": toolchain.tree_sha256}
     needed = _estimate_bytes(model, recipes, model.repo_id is not None,
@@ -274,6 +290,14 @@ def run_job(options: JobOptions) -> JobResult:
                                    log_path=convert_stage.log(), progress=progress)
 
     bf16 = _run_stage(timings, convert_stage, convert, "model-bf16.gguf")
+    # Before the imatrix and quantizing: a vision tower the converter cannot export stops the job early.
+    mmproj = None
+    if vision and options.mmproj:
+        if (model_dir / "preprocessor_config.json").is_file():
+            mmproj = _export_mmproj(options, model, model_dir, toolchain, timings)
+        else:  # the converter needs its image mean and std
+            logger.warning("%s has a vision tower but no preprocessor_config.json: only the text model is "
+                           "published", model.name)
     bf16_header = read_gguf_header(bf16)
     plans = [plan_quantization(recipe, bf16_header) for recipe in recipes]
     if early_imatrix is not None:
@@ -305,7 +329,7 @@ def run_job(options: JobOptions) -> JobResult:
         outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages, no_mtp=no_mtp,
                                 output_repo=target.repo_id if target else None, evals=evals,
                                 eval_settings=options.eval_settings if options.evaluate else None,
-                                split=split if target else None, kept=kept)
+                                split=split if target else None, kept=kept, mmproj=mmproj)
     publication = None
     if target is not None:
         assert options.token is not None

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from udquant import __version__
+from udquant.convert import MMPROJ_TYPE
 from udquant.errors import InputError, UdquantError
 from udquant.evaluate import QuantEval, render_eval_table
 from udquant.imatrix import Imatrix
 from udquant.imatrix_discovery import Candidate
 from udquant.library import data_file
-from udquant.recipe import Recipe
+from udquant.recipe import Recipe, type_bits
 from udquant.resolve import ModelInfo
 from udquant.toolchain import Toolchain
 from udquant.verify import Verification
@@ -91,6 +92,10 @@ def _place(source: Path, dest: Path, *, link: bool) -> None:
 
 def gguf_file_name(model: ModelInfo, level: str) -> str:
     return f"{model.name}-{level}.gguf"
+
+
+def mmproj_file_name(model: ModelInfo) -> str:
+    return f"mmproj-{model.name}-{MMPROJ_TYPE.upper()}.gguf"
 
 
 VISION_MARKERS = ("visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
@@ -170,7 +175,8 @@ def _provenance_text(provenance: dict[str, Any]) -> str:
 
 
 def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[str, Any],
-                toolchain: Toolchain, output_repo: str | None = None, eval_section: str = "") -> str:
+                toolchain: Toolchain, output_repo: str | None = None, eval_section: str = "",
+                mmproj: dict[str, Any] | None = None) -> str:
     tags = ["gguf", "ud-quant", "quantized", "udquant"]
     if imatrix["source"] != "none":
         tags.insert(1, "imatrix")
@@ -190,7 +196,12 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         f"\n- Kept from an earlier run: {lv['level']} (made {lv['kept_from'].get('created_at')} with llama.cpp "
         f"{lv['kept_from'].get('llama_cpp')}, importance matrix: {lv['kept_from'].get('imatrix')})" for lv in earlier)
     made_now = [lv for lv in levels if not lv.get("kept_from")]
-    if vision_weights(model):
+    if mmproj is not None:
+        file_rows += (f"\n| vision | `{mmproj['file']}` | {mmproj['size'] / 1e9:.2f} GB | "
+                      f"{type_bits(mmproj['type']):.2f} | the vision tower and projector (mmproj) |")
+        kept_text += (f"\n- Vision: `{mmproj['file']}` ({mmproj['type'].upper()}); `-hf` finds it, "
+                      "with `-m` pass it as `--mmproj`")
+    elif vision_weights(model):
         kept_text += "\n- Text only: the source's vision tower is not in these files (no mmproj file)"
     type_rows = "\n".join(f"- **{lv['level']}**: {lv['summary']}" for lv in levels)
     provenance = "; ".join(f"`{lv['recipe']['id']}`: {_provenance_text(lv['recipe']['provenance'])}"
@@ -248,7 +259,7 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
                   no_mtp: bool = False, output_repo: str | None = None, evals: Sequence[QuantEval] = (),
                   eval_settings: EvalSettings | None = None, split: Callable[[Path], list[Path]] | None = None,
-                  kept: Sequence[dict[str, Any]] = ()) -> OutputFiles:
+                  kept: Sequence[dict[str, Any]] = (), mmproj: Path | None = None) -> OutputFiles:
     """Place verified files and write card and result JSON into out_dir.
 
     split turns a GGUF into the files to upload (its shards when large); kept are records of
@@ -277,6 +288,13 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                        "sha256": level.recipe.digest, "provenance": level.recipe.provenance},
         } | ({"parts": [p.name for p in parts]} if len(parts) > 1 else {}))
     level_records += kept
+    mmproj_record = None
+    if mmproj is not None:
+        name = mmproj_file_name(model)
+        _place(mmproj, out_dir / name, link=True)
+        ggufs.append(out_dir / name)
+        mmproj_record = {"file": name, "size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name),
+                         "type": MMPROJ_TYPE}
     imatrix_record = imatrix.describe()
     plot = None
     if evals:
@@ -294,12 +312,14 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         "llama_cpp": toolchain.describe(),
         "imatrix": imatrix_record,
         "levels": level_records,
+        "mmproj": mmproj_record,
         "eval": [row.describe() for row in evals],
         "eval_text": eval_settings.describe() if eval_settings is not None and evals else None,
         "timings": timings,
     }
     write_text_atomic(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo,
-                                                 eval_section=_eval_section(evals, eval_settings)))
+                                                 eval_section=_eval_section(evals, eval_settings),
+                                                 mmproj=mmproj_record))
     result_path = out_dir / RESULT_NAME
     write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
     return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path, plot)

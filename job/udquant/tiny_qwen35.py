@@ -186,12 +186,27 @@ def model_config(num_layers: int, tie_embeddings: bool) -> Any:
     )
 
 
-def save_model(folder: Path, num_layers: int, tie_embeddings: bool, seed: int) -> None:
+# A two-block vision tower; its preprocessor config holds what the converter reads for an mmproj file.
+VISION_CONFIG = {"depth": 2, "hidden_size": 256, "intermediate_size": 512, "num_heads": 2, "out_hidden_size": 256,
+                 "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64}
+PREPROCESSOR_CONFIG = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16,
+                       "merge_size": 2, "temporal_patch_size": 2}
+
+
+def save_model(folder: Path, num_layers: int, tie_embeddings: bool, seed: int, vision: bool = False) -> None:
     import torch
-    from transformers import Qwen3_5ForCausalLM
+    from transformers import PreTrainedModel, Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen3_5ForCausalLM(model_config(num_layers, tie_embeddings)).bfloat16()
+    text = model_config(num_layers, tie_embeddings)
+    model: PreTrainedModel
+    if vision:
+        config = Qwen3_5Config(text_config=text.to_dict(), vision_config=VISION_CONFIG,
+                               tie_word_embeddings=tie_embeddings)
+        model = Qwen3_5ForConditionalGeneration(config).bfloat16()
+        (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    else:
+        model = Qwen3_5ForCausalLM(text).bfloat16()
     model.save_pretrained(folder, safe_serialization=True)
 
 
@@ -206,11 +221,12 @@ def patch_config(path: Path, declare_mtp: bool) -> None:
 
 
 def make_tiny_qwen35(dest: Path, *, num_layers: int = 4, tie_embeddings: bool = True, seed: int = 0,
-                     declare_mtp: bool = True, cache_dir: Path | None = None) -> Path:
-    """Write a tiny Qwen3_5ForCausalLM (bf16 safetensors, config, real tokenizer) into dest."""
+                     declare_mtp: bool = True, vision: bool = False, cache_dir: Path | None = None) -> Path:
+    """Write a tiny Qwen3_5ForCausalLM (bf16 safetensors, config, real tokenizer) into dest; with vision,
+    a Qwen3_5ForConditionalGeneration with a small vision tower."""
     tokenizer_dir = cached_tokenizer(cache_dir or default_cache_dir())
     with atomic_dir(dest) as staging:
-        save_model(staging, num_layers, tie_embeddings, seed)
+        save_model(staging, num_layers, tie_embeddings, seed, vision)
         patch_config(staging / "config.json", declare_mtp)
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir / name, staging / name)
@@ -225,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-tie", action="store_true", help="keep a separate output (lm_head) matrix")
     parser.add_argument("--no-mtp-declared", action="store_true",
                         help="leave mtp_num_hidden_layers out of config.json")
+    parser.add_argument("--vision", action="store_true", help="a Qwen3_5ForConditionalGeneration with a vision tower")
     args = parser.parse_args(argv)
     print(make_tiny_qwen35(args.dest, num_layers=args.layers, tie_embeddings=not args.no_tie, seed=args.seed,
-                           declare_mtp=not args.no_mtp_declared))
+                           declare_mtp=not args.no_mtp_declared, vision=args.vision))
 
 
 if __name__ == "__main__":

@@ -73,3 +73,35 @@ def test_keeping_mtp_the_checkpoint_lacks_fails_with_a_true_hint(qwen35_undeclar
     assert "assert self.opt_num_mtp_layers != 0" in proc.stderr
     assert "declares no mtp_num_hidden_layers and its weights hold no mtp.layers.* tensors" in proc.stderr
     assert "rerun with --no-mtp" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen35_vision(tmp_path_factory) -> Path:
+    return make_tiny_qwen35(tmp_path_factory.mktemp("q35-vision") / "tiny-qwen35-vl", num_layers=4, vision=True)
+
+
+def test_a_vision_tower_becomes_an_mmproj_file_next_to_the_quants(qwen35_vision, toolchain, tmp_path):
+    args = [qwen35_vision, "--work-dir", tmp_path / "work", "--imatrix", "none"]
+    proc = run_cli(*args, "--out-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    result = json.loads((out / "udquant-result.json").read_text())
+    mmproj = out / "mmproj-tiny-qwen35-vl-F16.gguf"
+    assert result["mmproj"]["file"] == mmproj.name and result["mmproj"]["size"] == mmproj.stat().st_size
+    header = read_gguf_header(mmproj)
+    assert header.metadata["general.type"] == "mmproj" and header.metadata["clip.has_vision_encoder"] is True
+    names = {t.name for t in header.tensors}
+    assert "v.patch_embd.weight" in names and "v.blk.1.attn_qkv.weight" in names
+    assert all(name.startswith(("v.", "mm.")) for name in names)
+    # The text model holds none of the vision tower.
+    text = read_gguf_header(out / result["levels"][0]["file"])
+    assert not any(t.name.startswith(("v.", "mm.")) for t in text.tensors)
+    card = (out / "README.md").read_text()
+    assert f"| vision | `{mmproj.name}` |" in card and "Text only" not in card
+
+    proc = run_cli(*args, "--out-dir", tmp_path / "text-only", "--no-mmproj", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--no-mmproj, so only the text model is published" in proc.stderr
+    assert not list((tmp_path / "text-only").glob("mmproj-*"))
+    card = (tmp_path / "text-only" / "README.md").read_text()
+    assert "Text only: the source's vision tower is not in these files" in card
