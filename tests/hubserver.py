@@ -73,7 +73,8 @@ class HubState:
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
         self.tokens = {"hf_test_token_owner": "tester"}  # accepted tokens -> user name
         self.read_only_tokens: set[str] = set()  # tokens whose role is "read": no repo creation, no commits
-        self.orgs: dict[str, list[str]] = {}  # user -> the organizations it may write to
+        self.orgs: dict[str, list[str]] = {}  # user -> the organizations it belongs to
+        self.read_only_orgs: set[str] = set()  # organizations whose members here have the read role only
         # Cut the connection after N bytes, once, for these "repo/path" downloads.
         self.interrupt_once: dict[str, int] = {}
         # More endpoints (jobs, uploads) plug in here: each returns True when it answered.
@@ -111,7 +112,8 @@ class _Handler(JSONHandler):
             self._error(401, "Invalid credentials")
             return False
         namespace = repo_id.split("/")[0]
-        if self._token() in self.state.read_only_tokens or namespace not in (user, *self.state.orgs.get(user, [])):
+        writable = [org for org in self.state.orgs.get(user, []) if org not in self.state.read_only_orgs]
+        if self._token() in self.state.read_only_tokens or namespace not in (user, *writable):
             self._error(403, "You don't have the rights to write to this namespace")
             return False
         return True
@@ -194,7 +196,8 @@ class _Handler(JSONHandler):
         if user is None:
             self._error(401, "Invalid credentials in Authorization header")
             return
-        orgs = [{"type": "org", "name": org, "roleInOrg": "write"} for org in self.state.orgs.get(user, [])]
+        orgs = [{"type": "org", "name": org, "roleInOrg": "read" if org in self.state.read_only_orgs else "write"}
+                for org in self.state.orgs.get(user, [])]
         self.send_json({"type": "user", "name": user, "fullname": user, "orgs": orgs,
                          "auth": {"type": "access_token", "accessToken": {
                              "role": "read" if self._token() in self.state.read_only_tokens else "write",

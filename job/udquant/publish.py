@@ -70,7 +70,8 @@ def plan_target(model_name: str, source: str, *, output_repo: str | None, privat
         raise InputError("the token in HF_TOKEN is read-only: uploading needs write access",
                          hint="use a token with the write role, or pass --no-upload to keep the results local")
     repo_id = validate_repo_id(output_repo or f"{me['name']}/{model_name}-UD-GGUF")
-    namespaces = [me["name"], *(org.get("name") for org in me.get("orgs") or [])]
+    # An organization's members with the read role cannot create repos in it.
+    namespaces = [me["name"], *(org.get("name") for org in me.get("orgs") or [] if org.get("roleInOrg") != "read")]
     if repo_id.split("/")[0] not in namespaces:
         raise InputError(f"the token in HF_TOKEN belongs to {me['name']}, who cannot create or write "
                          f"{repo_id} (namespaces: {', '.join(str(n) for n in namespaces)})",

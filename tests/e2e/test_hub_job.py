@@ -129,8 +129,11 @@ def test_repos_of_other_models_and_foreign_namespaces_are_never_written(hub, lla
     assert proc.returncode == 2 and "cannot create or write meta-llama/Stolen-UD-GGUF" in proc.stderr
     assert not list((tmp_path / "work").glob("convert-*"))  # refused before any work
     assert hub.state.repos["tester/Tiny-Distill-UD-GGUF"].commits == []
-    # An organization the user belongs to is fine.
-    hub.state.orgs["tester"] = ["team"]
+    # An organization the user belongs to is fine, unless only with the read role.
+    hub.state.orgs["tester"] = ["team", "readers"]
+    hub.state.read_only_orgs.add("readers")
+    proc = job("--output-repo", "readers/Tiny-Distill-UD-GGUF", cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot create or write readers/Tiny-Distill-UD-GGUF" in proc.stderr
     proc = job("--output-repo", "team/Tiny-Distill-UD-GGUF", "--imatrix", "none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "team/Tiny-Distill-UD-GGUF" in hub.state.repos
