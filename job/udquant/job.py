@@ -30,7 +30,6 @@ from udquant.output import (
     gguf_file_name,
     kept_levels,
     sha256_file,
-    vision_weights,
     write_outputs,
 )
 from udquant.progress import stage_progress
@@ -203,10 +202,9 @@ def _prepare_imatrix(options: JobOptions, model: ModelInfo, toolchain: Toolchain
 
 
 def _export_mmproj(options: JobOptions, model: ModelInfo, model_dir: Path, toolchain: Toolchain,
-                   timings: Timings) -> Path:
+                   fingerprint: dict[str, Any], timings: Timings) -> Path:
     stage = open_stage(options.work_dir, "mmproj", {
-        "model": _model_fingerprint(model), "name": model.name, "type": MMPROJ_TYPE,
-        "llama_cpp": toolchain.tree_sha256})
+        "model": fingerprint, "name": model.name, "type": MMPROJ_TYPE, "llama_cpp": toolchain.tree_sha256})
 
     def export(output: Path) -> Path:
         with stage_progress("mmproj") as progress:
@@ -263,11 +261,12 @@ def run_job(options: JobOptions) -> JobResult:
                        "converting with --no-mtp" if no_mtp else "--mtp was given, so the converter will look for them")
     out_dir = options.out_dir or Path("udquant-out") / model.name
     check_out_dir(out_dir, model)
-    vision = vision_weights(model)
+    vision = model.vision_weights
     if vision and not options.mmproj:
         logger.warning("%s has a vision tower (%d tensors): --no-mmproj, so only the text model is published",
                        model.name, len(vision))
-    convert_inputs = {"model": _model_fingerprint(model), "name": model.name, "no_mtp": no_mtp,
+    fingerprint = _model_fingerprint(model)
+    convert_inputs = {"model": fingerprint, "name": model.name, "no_mtp": no_mtp,
                       "llama_cpp": toolchain.tree_sha256}
     needed = _estimate_bytes(model, recipes, model.repo_id is not None,
                              options.eval_settings if options.evaluate else None,
@@ -294,7 +293,7 @@ def run_job(options: JobOptions) -> JobResult:
     mmproj = None
     if vision and options.mmproj:
         if (model_dir / "preprocessor_config.json").is_file():
-            mmproj = _export_mmproj(options, model, model_dir, toolchain, timings)
+            mmproj = _export_mmproj(options, model, model_dir, toolchain, fingerprint, timings)
         else:  # the converter needs its image mean and std
             logger.warning("%s has a vision tower but no preprocessor_config.json: only the text model is "
                            "published", model.name)

@@ -98,14 +98,6 @@ def mmproj_file_name(model: ModelInfo) -> str:
     return f"mmproj-{model.name}-{MMPROJ_TYPE.upper()}.gguf"
 
 
-VISION_MARKERS = ("visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
-
-
-def vision_weights(model: ModelInfo) -> list[str]:
-    """The source's vision-tower weights: the converter leaves them out of the text model's GGUF."""
-    return [name for name in model.weight_names if any(marker in name for marker in VISION_MARKERS)]
-
-
 def check_out_dir(out_dir: Path, model: ModelInfo) -> None:
     """Refuse an output folder where writing would replace what a user made (before any work)."""
     where = out_dir.resolve()
@@ -192,17 +184,17 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         f"| {lv['level']} | {_file_cell(lv)} | {lv['size'] / 1e9:.2f} GB | {lv['bits_per_weight']:.2f} "
         f"| `{lv['recipe']['id']}` |" for lv in levels)
     earlier = [lv for lv in levels if lv.get("kept_from")]
-    kept_text = "".join(
+    notes = "".join(
         f"\n- Kept from an earlier run: {lv['level']} (made {lv['kept_from'].get('created_at')} with llama.cpp "
         f"{lv['kept_from'].get('llama_cpp')}, importance matrix: {lv['kept_from'].get('imatrix')})" for lv in earlier)
     made_now = [lv for lv in levels if not lv.get("kept_from")]
     if mmproj is not None:
         file_rows += (f"\n| vision | `{mmproj['file']}` | {mmproj['size'] / 1e9:.2f} GB | "
                       f"{type_bits(mmproj['type']):.2f} | the vision tower and projector (mmproj) |")
-        kept_text += (f"\n- Vision: `{mmproj['file']}` ({mmproj['type'].upper()}); `-hf` finds it, "
+        notes += (f"\n- Vision: `{mmproj['file']}` ({mmproj['type'].upper()}); `-hf` finds it, "
                       "with `-m` pass it as `--mmproj`")
-    elif vision_weights(model):
-        kept_text += "\n- Text only: the source's vision tower is not in these files (no mmproj file)"
+    elif model.vision_weights:
+        notes += "\n- Text only: the source's vision tower is not in these files (no mmproj file)"
     type_rows = "\n".join(f"- **{lv['level']}**: {lv['summary']}" for lv in levels)
     provenance = "; ".join(f"`{lv['recipe']['id']}`: {_provenance_text(lv['recipe']['provenance'])}"
                            for lv in made_now)
@@ -223,7 +215,7 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
         source_link=f"https://huggingface.co/{model.repo_id}" if model.repo_id else ".",
         source_revision=f" at revision `{model.revision}`" if model.revision else "",
         file_rows=file_rows, type_rows=type_rows, eval_section=eval_section, provenance=provenance,
-        imatrix=imatrix_text, imatrix_intro=_imatrix_intro(imatrix), kept=kept_text,
+        imatrix=imatrix_text, imatrix_intro=_imatrix_intro(imatrix), notes=notes,
         llama_cpp=f"{toolchain.tag} ({toolchain.commit}, {toolchain.backend})",
         run_model=f"-hf {output_repo}:{levels[0]['level']}" if output_repo
         else f"-m {(levels[0].get('parts') or [levels[0]['file']])[0]}",

@@ -19,6 +19,7 @@ from udquant.library import recipes_dir
 REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 MTP_CONFIG_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers")
 MTP_WEIGHT_MARKERS = ("mtp.", ".mtp_", "nextn")
+VISION_WEIGHT_MARKERS = ("visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
 # The architectures whose class in the pinned converter has Qwen's MTP wiring (_QwenMtpMixin in
 # conversion/qwen.py), the only ones of ours it takes --no-mtp for. Without --no-mtp it adds
 # mtp_num_hidden_layers blocks or, when the config says none (or 0), as many as the
@@ -52,6 +53,11 @@ class ModelInfo:
     @property
     def mtp_weights_present(self) -> bool:
         return any(marker in name for name in self.weight_names for marker in MTP_WEIGHT_MARKERS)
+
+    @property
+    def vision_weights(self) -> tuple[str, ...]:
+        """The vision tower's weights: the converter leaves them out of the text model's GGUF."""
+        return tuple(name for name in self.weight_names if any(marker in name for marker in VISION_WEIGHT_MARKERS))
 
     @property
     def supports_mtp(self) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from udquant.errors import InputError
 from udquant.job import _estimate_bytes
-from udquant.output import check_out_dir, kept_levels, vision_weights
+from udquant.output import check_out_dir, kept_levels
 from udquant.recipe import find_recipe
 from udquant.resolve import ModelInfo
 
@@ -64,8 +64,8 @@ def test_levels_published_before_stay_only_while_their_files_do():
 
 def test_vision_tower_weights_are_found():
     names = ("model.language_model.layers.0.mlp.down_proj.weight", "model.visual.blocks.0.attn.qkv.weight")
-    assert vision_weights(model(weight_names=names)) == ["model.visual.blocks.0.attn.qkv.weight"]
-    assert vision_weights(model(weight_names=names[:1])) == []
+    assert model(weight_names=names).vision_weights == ("model.visual.blocks.0.attn.qkv.weight",)
+    assert model(weight_names=names[:1]).vision_weights == ()
 
 
 def test_a_given_imatrix_path_shows_only_its_file_name(tmp_path):
