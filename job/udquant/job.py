@@ -29,6 +29,7 @@ from udquant.output import (
     check_out_dir,
     gguf_file_name,
     kept_levels,
+    kept_mmproj,
     sha256_file,
     write_outputs,
 )
@@ -325,10 +326,12 @@ def run_job(options: JobOptions) -> JobResult:
 
     with timings.stage("output"):
         kept = kept_levels(target.previous, target.remote_files, {lv.level for lv in levels}) if target else []
+        earlier_mmproj = kept_mmproj(target.previous, target.remote_files) if target and mmproj is None else None
         outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages, no_mtp=no_mtp,
                                 output_repo=target.repo_id if target else None, evals=evals,
                                 eval_settings=options.eval_settings if options.evaluate else None,
-                                split=split if target else None, kept=kept, mmproj=mmproj)
+                                split=split if target else None, kept=kept, mmproj=mmproj,
+                                kept_mmproj=earlier_mmproj)
     publication = None
     if target is not None:
         assert options.token is not None

@@ -139,12 +139,24 @@ def kept_levels(previous: dict[str, Any] | None, remote_files: frozenset[str], m
             continue
         files = record.get("parts") or [record.get("file")]
         if all(isinstance(name, str) and name in remote_files for name in files):
-            earlier = record.get("kept_from") or {
-                "created_at": previous.get("created_at"),
-                "llama_cpp": (previous.get("llama_cpp") or {}).get("tag"),
-                "imatrix": (previous.get("imatrix") or {}).get("source")}
-            kept.append(record | {"kept_from": earlier})
+            kept.append(record | {"kept_from": _earlier_run(previous, record)})
     return kept
+
+
+def kept_mmproj(previous: dict[str, Any] | None, remote_files: frozenset[str]) -> dict[str, Any] | None:
+    """The mmproj file an earlier run published, when this run makes none and it is still there."""
+    record = (previous or {}).get("mmproj")
+    if not isinstance(record, dict) or record.get("file") not in remote_files:
+        return None
+    assert previous is not None
+    return record | {"kept_from": _earlier_run(previous, record)}
+
+
+def _earlier_run(previous: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    return dict(record.get("kept_from") or {
+        "created_at": previous.get("created_at"),
+        "llama_cpp": (previous.get("llama_cpp") or {}).get("tag"),
+        "imatrix": (previous.get("imatrix") or {}).get("source")})
 
 
 def _file_cell(level: dict[str, Any]) -> str:
@@ -191,8 +203,10 @@ def render_card(model: ModelInfo, levels: list[dict[str, Any]], imatrix: dict[st
     if mmproj is not None:
         file_rows += (f"\n| vision | `{mmproj['file']}` | {mmproj['size'] / 1e9:.2f} GB | "
                       f"{type_bits(mmproj['type']):.2f} | the vision tower and projector (mmproj) |")
-        notes += (f"\n- Vision: `{mmproj['file']}` ({mmproj['type'].upper()}); `-hf` finds it, "
-                      "with `-m` pass it as `--mmproj`")
+        made = (f", kept from an earlier run (made {mmproj['kept_from'].get('created_at')} with llama.cpp "
+                f"{mmproj['kept_from'].get('llama_cpp')})" if mmproj.get("kept_from") else "")
+        notes += (f"\n- Vision: `{mmproj['file']}` ({mmproj['type'].upper()}){made}; `-hf` finds it, "
+                  "with `-m` pass it as `--mmproj`")
     elif model.vision_weights:
         notes += "\n- Text only: the source's vision tower is not in these files (no mmproj file)"
     type_rows = "\n".join(f"- **{lv['level']}**: {lv['summary']}" for lv in levels)
@@ -251,11 +265,12 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                   toolchain: Toolchain, timings: dict[str, dict[str, Any]], *,
                   no_mtp: bool = False, output_repo: str | None = None, evals: Sequence[QuantEval] = (),
                   eval_settings: EvalSettings | None = None, split: Callable[[Path], list[Path]] | None = None,
-                  kept: Sequence[dict[str, Any]] = (), mmproj: Path | None = None) -> OutputFiles:
+                  kept: Sequence[dict[str, Any]] = (), mmproj: Path | None = None,
+                  kept_mmproj: dict[str, Any] | None = None) -> OutputFiles:
     """Place verified files and write card and result JSON into out_dir.
 
-    split turns a GGUF into the files to upload (its shards when large); kept are records of
-    levels an earlier run published and this one leaves in place.
+    split turns a GGUF into the files to upload (its shards when large); kept and kept_mmproj
+    are records of files an earlier run published and this one leaves in place.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
@@ -280,7 +295,7 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
                        "sha256": level.recipe.digest, "provenance": level.recipe.provenance},
         } | ({"parts": [p.name for p in parts]} if len(parts) > 1 else {}))
     level_records += kept
-    mmproj_record = None
+    mmproj_record = kept_mmproj
     if mmproj is not None:
         name = mmproj_file_name(model)
         _place(mmproj, out_dir / name, link=True)

@@ -105,3 +105,27 @@ def test_a_vision_tower_becomes_an_mmproj_file_next_to_the_quants(qwen35_vision,
     assert not list((tmp_path / "text-only").glob("mmproj-*"))
     card = (tmp_path / "text-only" / "README.md").read_text()
     assert "Text only: the source's vision tower is not in these files" in card
+
+
+def test_an_mmproj_published_before_stays_described_when_a_rerun_makes_none(qwen35_vision, hub, tmp_path):
+    files = {p.name: p for p in qwen35_vision.iterdir() if p.is_file()}
+    hub.state.add_repo("someone/Tiny-VL", files, card_data={"license": "apache-2.0"})
+    args = ["someone/Tiny-VL", "--work-dir", tmp_path / "work", "--imatrix", "none"]
+    env = {"HF_TOKEN": "hf_test_token_owner"}
+    proc = run_cli(*args, "--out-dir", tmp_path / "first", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    repo = hub.state.repos["tester/Tiny-VL-UD-GGUF"]
+    mmproj = "mmproj-Tiny-VL-F16.gguf"
+    assert mmproj in repo.files
+
+    proc = run_cli(*args, "--out-dir", tmp_path / "again", "--no-mmproj", "--quant", "UD-Q4_K_XL",
+                   cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert mmproj in repo.files and len(repo.commits) == 2
+    first = json.loads((tmp_path / "first" / "udquant-result.json").read_text())
+    result = json.loads(repo.files["udquant-result.json"].data)
+    assert result["mmproj"]["file"] == mmproj and result["mmproj"]["sha256"] == first["mmproj"]["sha256"]
+    assert result["mmproj"]["kept_from"]["created_at"] == first["created_at"]
+    card = repo.files["README.md"].data.decode()
+    assert f"| vision | `{mmproj}` |" in card and "kept from an earlier run" in card
+    assert "Text only" not in card

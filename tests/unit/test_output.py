@@ -9,7 +9,7 @@ import pytest
 
 from udquant.errors import InputError
 from udquant.job import _estimate_bytes
-from udquant.output import check_out_dir, kept_levels
+from udquant.output import check_out_dir, kept_levels, kept_mmproj
 from udquant.recipe import find_recipe
 from udquant.resolve import ModelInfo
 
@@ -60,6 +60,19 @@ def test_levels_published_before_stay_only_while_their_files_do():
     assert [lv["level"] for lv in kept] == ["UD-Q5_K_XL"]  # a shard of Q4 is gone
     assert kept[0]["kept_from"] == {"created_at": "2026-11-01T00:00:00Z", "llama_cpp": "b11434", "imatrix": "hub"}
     assert kept_levels(previous, remote, {"UD-Q5_K_XL"}) == []  # made again: not kept
+
+
+def test_an_mmproj_published_before_is_kept_only_while_its_file_is_there():
+    previous = {"created_at": "2026-11-01T00:00:00Z", "llama_cpp": {"tag": "b11434"}, "imatrix": {"source": "none"},
+                "mmproj": {"file": "mmproj-M-F16.gguf", "size": 10, "sha256": "a" * 64, "type": "f16"}}
+    kept = kept_mmproj(previous, frozenset({"mmproj-M-F16.gguf"}))
+    assert kept is not None and kept["file"] == "mmproj-M-F16.gguf"
+    assert kept["kept_from"] == {"created_at": "2026-11-01T00:00:00Z", "llama_cpp": "b11434", "imatrix": "none"}
+    # Kept twice: the run that made it is still the one named.
+    assert kept_mmproj(previous | {"created_at": "later", "mmproj": kept}, frozenset({"mmproj-M-F16.gguf"})) == kept
+    assert kept_mmproj(previous, frozenset()) is None
+    assert kept_mmproj(previous | {"mmproj": None}, frozenset({"mmproj-M-F16.gguf"})) is None
+    assert kept_mmproj(None, frozenset({"mmproj-M-F16.gguf"})) is None
 
 
 def test_vision_tower_weights_are_found():
