@@ -28,6 +28,7 @@ from udquant.dispatch.base import (
     DispatchError,
     JobHandle,
     JobStatus,
+    check_upload_target,
     library_levels,
     make_request,
 )
@@ -294,6 +295,8 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                 namespace = None if choice == TARGET_GITHUB else user
                 request = make_request(text.strip(), namespace, levels=wanted, imatrix=mode, private=is_private,
                                        evaluate=measure)
+                if choice != TARGET_GITHUB:  # the job uploads with this token: refuse now what it would refuse
+                    check_upload_target(request, token)
                 backend = session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token)
                 handle = session.registry.submit(user, lambda h: not backend_for_handle(
                     session, h, token, gh_token).status(h).terminal, lambda: backend.start(request))

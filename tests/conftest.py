@@ -23,4 +23,6 @@ def hub() -> HubServer:
     HUB.state.repos.clear()
     HUB.state.served.clear()
     HUB.state.requests.clear()
+    for grants in (HUB.state.read_only_tokens, HUB.state.orgs, HUB.state.read_only_orgs, HUB.state.fine_grained):
+        grants.clear()
     return HUB

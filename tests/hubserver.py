@@ -75,6 +75,9 @@ class HubState:
         self.read_only_tokens: set[str] = set()  # tokens whose role is "read": no repo creation, no commits
         self.orgs: dict[str, list[str]] = {}  # user -> the organizations it belongs to
         self.read_only_orgs: set[str] = set()  # organizations whose members here have the read role only
+        # Fine-grained tokens -> their scoped permissions, as whoami-v2 lists them:
+        # [{"entity": {"type": "user" | "org" | "model", "name": ...}, "permissions": ["repo.write", ...]}]
+        self.fine_grained: dict[str, list[dict[str, Any]]] = {}
         # Cut the connection after N bytes, once, for these "repo/path" downloads.
         self.interrupt_once: dict[str, int] = {}
         # More endpoints (jobs, uploads) plug in here: each returns True when it answered.
@@ -116,6 +119,15 @@ class _Handler(JSONHandler):
         if self._token() in self.state.read_only_tokens or namespace not in (user, *writable):
             self._error(403, "You don't have the rights to write to this namespace")
             return False
+        scoped = self.state.fine_grained.get(self._token())
+        if scoped is not None:
+            # Repos are created with write access to their namespace; a repo scope writes only that repo.
+            granted = {(s["entity"]["type"], s["entity"]["name"]) for s in scoped if "repo.write" in s["permissions"]}
+            kind = "user" if namespace == user else "org"
+            in_repo = ("model", repo_id) in granted and repo_id in self.state.repos
+            if (kind, namespace) not in granted and not in_repo:
+                self._error(403, "This fine-grained token does not have the permission to write to this repo")
+                return False
         return True
 
     def _repo(self, repo_id: str) -> Repo | None:
@@ -198,10 +210,13 @@ class _Handler(JSONHandler):
             return
         orgs = [{"type": "org", "name": org, "roleInOrg": "read" if org in self.state.read_only_orgs else "write"}
                 for org in self.state.orgs.get(user, [])]
+        token: dict[str, Any] = {"role": "read" if self._token() in self.state.read_only_tokens else "write",
+                                 "displayName": "t"}
+        if (scoped := self.state.fine_grained.get(self._token())) is not None:
+            token = {"role": "fineGrained", "displayName": "t",
+                     "fineGrained": {"global": [], "scoped": scoped, "canReadGatedRepos": False}}
         self.send_json({"type": "user", "name": user, "fullname": user, "orgs": orgs,
-                         "auth": {"type": "access_token", "accessToken": {
-                             "role": "read" if self._token() in self.state.read_only_tokens else "write",
-                             "displayName": "t"}}})
+                        "auth": {"type": "access_token", "accessToken": token}})
 
     def _create_repo(self) -> None:
         user = self._user()

@@ -65,20 +65,22 @@ def plan_target(model_name: str, source: str, *, output_repo: str | None, privat
         me = api.whoami()
     except HUB_ERRORS as err:
         raise HubError("the Hub refused the token in HF_TOKEN", hint=f"check it has write access ({err})") from None
-    # Fine-grained tokens say "fineGrained": their scopes are checked by the Hub when we write.
     if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise InputError("the token in HF_TOKEN is read-only: uploading needs write access",
                          hint="use a token with the write role, or pass --no-upload to keep the results local")
     repo_id = validate_repo_id(output_repo or f"{me['name']}/{model_name}-UD-GGUF")
-    # An organization's members with the read role cannot create repos in it.
-    namespaces = [me["name"], *(org.get("name") for org in me.get("orgs") or [] if org.get("roleInOrg") != "read")]
-    if repo_id.split("/")[0] not in namespaces:
-        raise InputError(f"the token in HF_TOKEN belongs to {me['name']}, who cannot create or write "
-                         f"{repo_id} (namespaces: {', '.join(str(n) for n in namespaces)})",
-                         hint="choose an --output-repo in one of those namespaces")
+    grant = write_grant(me)
+    namespace = repo_id.split("/")[0]
+    if namespace not in grant.namespaces and repo_id not in grant.repos:
+        raise grant.refusal(me["name"], repo_id)
     try:
         info = api.model_info(repo_id)
     except RepositoryNotFoundError:
+        if namespace not in grant.namespaces:  # a token scoped to one repo writes it but cannot create it
+            raise InputError(f"the fine-grained token in HF_TOKEN may write {repo_id}, which does not exist, "
+                             f"but not create repos in {namespace}",
+                             hint=f"create {repo_id} on the Hub first, or give the token write access to "
+                                  f"{namespace}'s repos") from None
         return Target(repo_id, private)
     except HUB_ERRORS as err:
         raise hub_error(repo_id, err) from None
@@ -102,6 +104,43 @@ def plan_target(model_name: str, source: str, *, output_repo: str | None, privat
             logger.warning("%s was not made by udquant: its README.md will be replaced by udquant's card "
                            "(the repo's history keeps the old one)", repo_id)
     return Target(repo_id, private, previous, frozenset(files))
+
+
+@dataclass(frozen=True)
+class WriteGrant:
+    """Where a token may write: namespaces it may create repos in, and single repos (fine-grained scopes)."""
+
+    namespaces: tuple[str, ...]
+    repos: frozenset[str] = frozenset()
+    fine_grained: bool = False
+
+    def refusal(self, user: str, repo_id: str) -> InputError:
+        if not self.fine_grained:
+            return InputError(f"the token in HF_TOKEN belongs to {user}, who cannot create or write {repo_id} "
+                              f"(namespaces: {', '.join(self.namespaces)})",
+                              hint="choose an --output-repo in one of those namespaces")
+        scopes = [*(f"{n}/*" for n in self.namespaces), *sorted(self.repos)]
+        return InputError(f"the fine-grained token in HF_TOKEN may not write {repo_id}: it has write access "
+                          f"(repo.write) to {', '.join(scopes) or 'no repos'}",
+                          hint=f"give it write access to {repo_id.split('/')[0]}'s repos in its settings on the "
+                               "Hub (Access Tokens), or choose an --output-repo it may write")
+
+
+def write_grant(me: dict[str, Any]) -> WriteGrant:
+    """Read the Hub's whoami answer: the user's namespace and the organizations where it has more than
+    the read role; for a fine-grained token, only those of them (or single model repos) it may write."""
+    members = (str(me["name"]), *(str(org.get("name")) for org in me.get("orgs") or []
+                                  if org.get("roleInOrg") != "read"))
+    token = me.get("auth", {}).get("accessToken", {})
+    if token.get("role") != "fineGrained":
+        return WriteGrant(members)
+    writes = [scope.get("entity") or {} for scope in (token.get("fineGrained") or {}).get("scoped") or []
+              if "repo.write" in (scope.get("permissions") or [])]
+    if any(not entity.get("name") for entity in writes):
+        return WriteGrant(members)  # a scope named only by id: the Hub decides when we write
+    names = {(entity.get("type"), entity["name"]) for entity in writes}
+    return WriteGrant(tuple(n for n in members if ("user", n) in names or ("org", n) in names),
+                      frozenset(name for kind, name in names if kind == "model"), fine_grained=True)
 
 
 def _previous_result(api: HfApi, repo_id: str) -> dict[str, Any] | None:

@@ -137,6 +137,17 @@ def test_repos_of_other_models_and_foreign_namespaces_are_never_written(hub, lla
     proc = job("--output-repo", "team/Tiny-Distill-UD-GGUF", "--imatrix", "none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "team/Tiny-Distill-UD-GGUF" in hub.state.repos
+    # A fine-grained token writes only where its scopes let it, and is refused before any work elsewhere.
+    hub.state.tokens["hf_test_token_fine"] = "tester"
+    hub.state.fine_grained["hf_test_token_fine"] = [
+        {"entity": {"type": "org", "name": "team"}, "permissions": ["repo.content.read", "repo.write"]}]
+    proc = job("--output-repo", "tester/Mine-UD-GGUF", cwd=tmp_path, token="hf_test_token_fine")
+    assert proc.returncode == 2 and "fine-grained token in HF_TOKEN may not write tester/Mine-UD-GGUF" in proc.stderr
+    assert "tester/Mine-UD-GGUF" not in hub.state.repos
+    proc = job("--output-repo", "team/Tiny-Distill-UD-GGUF", "--imatrix", "none", "--quant", "UD-Q4_K_XL",
+               cwd=tmp_path, token="hf_test_token_fine")
+    assert proc.returncode == 0, proc.stderr
+    assert len(hub.state.repos["team/Tiny-Distill-UD-GGUF"].commits) == 2
 
 
 def test_the_repo_holds_what_its_card_describes_across_reruns(hub, llama, tmp_path):

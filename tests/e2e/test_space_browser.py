@@ -196,6 +196,14 @@ def test_inspect_submit_watch_and_link(space: dict[str, Any], page: Any) -> None
     expect(page.locator("#job-info")).to_contain_text("tick the confirmation")
     assert jobs.created == []  # nothing is spent without the confirmation
     page.locator("#confirm").get_by_role("checkbox").check()
+    # What the job would refuse at its start is refused here, before a GPU is billed.
+    hub = jobs.server.state
+    hub.add_repo("alice/Distill-8B-UD-GGUF", {"README.md": b"# alice's own quants"})
+    page.locator("#submit").click()
+    expect(page.locator("#job-info")).to_contain_text(
+        "alice/Distill-8B-UD-GGUF already exists and was not made by udquant", timeout=30_000)
+    assert jobs.created == []
+    del hub.repos["alice/Distill-8B-UD-GGUF"]
     _shot(page, "03-confirmed")
     page.locator("#submit").click()
     expect(page.locator("#job-info")).to_contain_text("Started hf-jobs job", timeout=30_000)
@@ -212,8 +220,7 @@ def test_inspect_submit_watch_and_link(space: dict[str, Any], page: Any) -> None
     assert spec["dockerImage"] == "ghcr.io/udquant/udquant-job:0.1.0"
     assert spec["flavor"] == "l40sx1"
     assert spec["command"] == ["udquant-job", REPO, "--quant", "UD-Q5_K_XL", "--quant", "UD-Q4_K_XL",
-                               "--recipe", "auto", "--imatrix", "auto", "--upload", "--output-repo",
-                               "alice/Distill-8B-UD-GGUF"]
+                               "--recipe", "auto", "--imatrix", "auto", "--upload"]
     assert spec["secrets"] == {"HF_TOKEN": TEST_TOKEN}
     assert TEST_TOKEN not in str({k: v for k, v in spec.items() if k != "secrets"})
     assert TEST_TOKEN not in page.content()

@@ -201,8 +201,10 @@ class HubJobs:
                     self._log(job, f"INFO resolve: started ({command[1] if len(command) > 1 else '?'})")
                 elif job.stage == "COMPLETED":
                     self._log(job, "INFO verify: every tensor has the recipe's type")
-                    if "--output-repo" in command:
-                        self._log(job, f"{self.server.url}/{command[command.index('--output-repo') + 1]}")
+                    if "--upload" in command:  # the job's last line: where it uploaded (its default unless named)
+                        repo = (command[command.index("--output-repo") + 1] if "--output-repo" in command
+                                else f"{job.namespace}/{command[1].split('/')[1]}-UD-GGUF")
+                        self._log(job, f"{self.server.url}/{repo}")
                 elif job.stage == "ERROR":
                     self._log(job, "ERROR quantize failed")
             return job.info(self.server.url)

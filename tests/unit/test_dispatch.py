@@ -47,7 +47,7 @@ HF_TOKEN = "hf_test-dispatch-secret-not-real"
 GH_TOKEN = "ghp_DispatchSecretToken0123456789abcdef"
 IMAGE = "ghcr.io/udquant/udquant-job:0.1.0"
 JOB_ARGS = ["someone/Distill-8B", "--quant", "UD-Q5_K_XL", "--quant", "UD-Q4_K_XL", "--recipe", "auto",
-            "--imatrix", "auto", "--upload", "--output-repo", "alice/Distill-8B-UD-GGUF", "--private"]
+            "--imatrix", "auto", "--upload", "--private"]
 
 
 @pytest.fixture
@@ -84,6 +84,10 @@ def _assert_no_token(value: object, token: str) -> None:
 def test_job_args_are_the_single_command_line(request_two_levels: DispatchRequest) -> None:
     assert request_two_levels.image == IMAGE == default_image()
     assert build_job_args(request_two_levels) == ["udquant-job", *JOB_ARGS]
+    # The default repo is known here for the link, but left to the job: named, the job would publish
+    # into a repo of that name that udquant did not make.
+    assert request_two_levels.output_repo == "alice/Distill-8B-UD-GGUF"
+    assert not request_two_levels.output_repo_named
 
 
 def test_job_args_without_output_repo_or_private() -> None:
@@ -102,8 +106,9 @@ def test_job_args_parse_with_the_jobs_own_parser(request_two_levels: DispatchReq
     args = parser.parse_args(build_job_args(request_two_levels)[1:])
     assert (args.source, args.levels, args.recipe, args.imatrix) == (
         "someone/Distill-8B", ["UD-Q5_K_XL", "UD-Q4_K_XL"], "auto", "auto")
-    assert (args.upload, args.output_repo, args.private, args.evaluate) == (True, "alice/Distill-8B-UD-GGUF", True,
-                                                                             False)
+    assert (args.upload, args.output_repo, args.private, args.evaluate) == (True, None, True, False)
+    named = make_request("someone/Distill-8B", None, output_repo="team/Mine")
+    assert parser.parse_args(build_job_args(named)[1:]).output_repo == "team/Mine"
     measured = make_request("someone/Distill-8B", "alice", evaluate=True)
     assert build_job_args(measured)[-1] == "--eval" and parser.parse_args(build_job_args(measured)[1:]).evaluate
 
@@ -463,6 +468,29 @@ def test_cli_dispatch_hf_jobs_wait_prints_link_last(jobs: HubJobs, hub: HubServe
     assert HF_TOKEN not in out + err
     (spec,) = jobs.created
     assert spec["flavor"] == "h200" and spec["secrets"] == {"HF_TOKEN": HF_TOKEN}
+
+
+def test_cli_dispatch_refuses_what_the_job_would_refuse_before_anything_is_billed(
+        jobs: HubJobs, hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    hub.state.add_repo("alice/Distill-8B-UD-GGUF", {"README.md": b"# my own quants"})
+    dispatch = ["dispatch", "--backend", "hf-jobs", "someone/Distill-8B"]
+    args = _dispatch_parser().parse_args(dispatch)
+    with pytest.raises(InputError, match="alice/Distill-8B-UD-GGUF already exists and was not made by udquant"):
+        args.func(args)
+    args = _dispatch_parser().parse_args([*dispatch, "--output-repo", "bob/Distill-8B-UD-GGUF"])
+    with pytest.raises(InputError, match="cannot create or write bob/Distill-8B-UD-GGUF"):
+        args.func(args)
+    hub.state.read_only_tokens.add(HF_TOKEN)
+    args = _dispatch_parser().parse_args([*dispatch, "--output-repo", "alice/Distill-8B-UD-GGUF"])
+    with pytest.raises(InputError, match="read-only"):
+        args.func(args)
+    assert jobs.created == []
+    # Named, the repo is the user's choice: the job is told to publish there.
+    hub.state.read_only_tokens.clear()
+    assert args.func(args) == 0
+    (spec,) = jobs.created
+    assert spec["command"][-2:] == ["--output-repo", "alice/Distill-8B-UD-GGUF"]
 
 
 class ScriptedBackend:

@@ -85,6 +85,9 @@ class DispatchRequest:
 
     repo_id: str
     output_repo: str | None = None  # None: the job's default, <token's namespace>/<Name>-UD-GGUF
+    # Named by the user: the job publishes there even into a repo udquant did not make. The default
+    # name, known to the dispatcher for the result link, is left to the job, which refuses such a repo.
+    output_repo_named: bool = False
     levels: tuple[str, ...] = ("UD-Q5_K_XL",)
     recipe: str = "auto"
     imatrix: str = "auto"
@@ -96,6 +99,8 @@ class DispatchRequest:
         validate_repo_id(self.repo_id)
         if self.output_repo is not None:
             validate_repo_id(self.output_repo)
+        elif self.output_repo_named:
+            raise InputError("output_repo_named needs an output_repo")
         _check_levels(self.levels)
         _check_recipe(self.recipe, self.levels)
         if self.imatrix not in IMATRIX_CHOICES:
@@ -109,11 +114,22 @@ def make_request(repo_id: str, namespace: str | None, *, levels: Iterable[str] =
                  image: str | None = None, evaluate: bool = False) -> DispatchRequest:
     """A request whose output repo defaults to <namespace>/<Name>-UD-GGUF when the namespace is known."""
     validate_repo_id(repo_id)
+    named = output_repo is not None
     if output_repo is None and namespace is not None:
         output_repo = output_repo_for(repo_id, namespace)
-    return DispatchRequest(repo_id=repo_id, output_repo=output_repo,
+    return DispatchRequest(repo_id=repo_id, output_repo=output_repo, output_repo_named=named,
                            levels=tuple(levels), recipe=recipe, imatrix=imatrix, private=private,
                            evaluate=evaluate, image=image or default_image())
+
+
+def check_upload_target(request: DispatchRequest, token: str) -> None:
+    """Refuse here, before anything starts or is billed, an output repo the job would refuse at its start:
+    one the token may not write, a public repo for --private, a repo of another model or not udquant's."""
+    from udquant.publish import plan_target
+
+    plan_target(request.repo_id.split("/")[1], request.repo_id,
+                output_repo=request.output_repo if request.output_repo_named else None,
+                private=request.private, token=token)
 
 
 @dataclass(frozen=True)

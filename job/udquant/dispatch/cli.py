@@ -22,6 +22,7 @@ from udquant.dispatch.base import (
     DispatchRequest,
     JobHandle,
     JobStatus,
+    check_upload_target,
     make_request,
 )
 from udquant.dispatch.job_command import default_image
@@ -136,6 +137,8 @@ def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int
 
 def dispatch_command(args: argparse.Namespace) -> int:
     request = request_from_args(args)
+    if args.backend != "github":  # the runner's own token uploads there: nothing to check from here
+        check_upload_target(request, _env_token("HF_TOKEN", args.backend))
     backend = make_backend(args)
     handle = backend.start(request)
     print(f"started {handle.backend} job {handle.job_id}" + (f": {handle.url}" if handle.url else ""),

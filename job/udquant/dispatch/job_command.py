@@ -17,12 +17,12 @@ __all__ = ["JOB_PROGRAM", "build_job_args", "build_workflow_inputs", "default_im
 
 def build_job_args(request: DispatchRequest) -> list[str]:
     """argv of the job: udquant-job REPO --quant L ... --recipe R --imatrix I --upload [--output-repo O] [--private]
-    [--eval]."""
+    [--eval]; --output-repo only when the user named one."""
     args = [JOB_PROGRAM, request.repo_id]
     for level in request.levels:
         args += ["--quant", level]
     args += ["--recipe", request.recipe, "--imatrix", request.imatrix, "--upload"]
-    if request.output_repo is not None:
+    if request.output_repo_named and request.output_repo is not None:
         args += ["--output-repo", request.output_repo]
     if request.private:
         args.append("--private")
