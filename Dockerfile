@@ -6,7 +6,7 @@
 #
 # The builder compiles llama.cpp through scripts/build-toolchain.sh, the script CI and the
 # tests run, so the image holds the same pinned, digest-checked tree. The final stage is the
-# CUDA runtime image plus a Python venv and four tools with their shared ggml/llama libraries.
+# CUDA runtime image plus a Python venv and five tools with their shared ggml/llama/mtmd libraries.
 # Expected size: about 4.7 GB on disk (about 2.4 GB to pull): the CUDA runtime base ~3.3 GB
 # (cuBLAS alone is ~0.8 GB), the venv with CPU torch, transformers and the converter's needs
 # ~1.1 GB, llama.cpp ~0.3 GB. The CUDA kernels are in libggml-cuda.so once (measured with the

@@ -72,13 +72,17 @@ else
   backend=cpu
 fi
 
-flags_key=$(printf '%s\n' "$LLAMA_CPP_TAG" "${cmake_flags[@]}" | sha256sum | cut -c1-12)
+# What the job runs; llama-mtmd-cli loads each mmproj file with a quant before it is published.
+tools=(llama-quantize llama-imatrix llama-perplexity llama-gguf-split llama-mtmd-cli)
+
+# The key names the tag, the flags and the tools: a build without one of the tools is another build.
+flags_key=$(printf '%s\n' "$LLAMA_CPP_TAG" "${cmake_flags[@]}" "tools: ${tools[*]}" | sha256sum | cut -c1-12)
 dest="${prefix:-$cache_dir/llama.cpp/$LLAMA_CPP_TAG-$backend-$flags_key}"
 dest="${dest%/}"  # DIR/ would make the staging folder DIR/.partial, inside what is replaced
 
 if [ -f "$dest/toolchain.json" ]; then
   # The same key from the tag and flags the build recorded: a --prefix folder has no key in its name.
-  built_key=$(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["tag"]); print(*m["cmake_flags"], sep="\n")' \
+  built_key=$(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["tag"]); print(*m["cmake_flags"], sep="\n"); print("tools:", *m.get("tools", []))' \
                 "$dest/toolchain.json" | sha256sum | cut -c1-12) || die "cannot read $dest/toolchain.json"
   [ "$built_key" = "$flags_key" ] || die "$dest holds a llama.cpp build made with other settings (see its \
 toolchain.json): remove it or build into another --prefix"
@@ -93,8 +97,8 @@ trap 'rm -rf "$work"' EXIT
 # The parts of the tree the build and the converter use; their digest is what we pin,
 # so a git checkout and the PyPI sdist of the same tag are checked the same way.
 tree_digest() {
-  (cd "$1" && find CMakeLists.txt cmake ggml src include common tools/quantize tools/imatrix \
-      tools/perplexity tools/gguf-split conversion convert_hf_to_gguf.py gguf-py/gguf \
+  (cd "$1" && find CMakeLists.txt cmake ggml src include common vendor tools/quantize tools/imatrix \
+      tools/perplexity tools/gguf-split tools/mtmd conversion convert_hf_to_gguf.py gguf-py/gguf \
       -type f ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-64
 }
 
@@ -158,14 +162,14 @@ if [ "$shared_libs" = ON ]; then
   "${clean_env[@]}" "$here/check-compiler.sh" "${compilers[@]}" || die "nothing was built"
 fi
 "${clean_env[@]}" cmake --build "$work/build" --config Release -j "$jobs" \
-  --target llama-quantize llama-imatrix llama-perplexity llama-gguf-split >"$work/build.log" 2>&1 \
+  --target "${tools[@]}" >"$work/build.log" 2>&1 \
   || { tail -n 40 "$work/build.log" >&2; die "build failed"; }
 echo "build-toolchain: built in $(( $(date +%s) - build_start )) s" >&2
 
 staging="$dest.partial"
 rm -rf "$staging"
 mkdir -p "$staging/bin" "$staging/src"
-for tool in llama-quantize llama-imatrix llama-perplexity llama-gguf-split; do
+for tool in "${tools[@]}"; do
   cp "$work/build/bin/$tool" "$staging/bin/"
 done
 # The shared libraries of a CUDA build (none in a static one), links kept as links.
@@ -174,14 +178,15 @@ find "$work/build/bin" -maxdepth 1 -name 'lib*.so*' -exec cp -P {} "$staging/bin
 cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$staging/src/"
 
 python3 - "$staging/toolchain.json" "$LLAMA_CPP_TAG" "$LLAMA_CPP_BUILD_NUMBER" "$commit" \
-  "$source_desc" "$source_sha256" "$digest" "$backend" "${cmake_flags[@]}" <<'PY'
+  "$source_desc" "$source_sha256" "$digest" "$backend" "${tools[*]}" "${cmake_flags[@]}" <<'PY'
 import json, sys, time
-path, tag, number, commit, source, source_sha256, tree_sha256, backend, *flags = sys.argv[1:]
+path, tag, number, commit, source, source_sha256, tree_sha256, backend, tools, *flags = sys.argv[1:]
 with open(path, "w") as f:
     json.dump({
         "tag": tag, "build_number": int(number), "commit": commit, "source": source,
         "source_sha256": source_sha256, "tree_sha256": tree_sha256, "backend": backend,
-        "cmake_flags": flags, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cmake_flags": flags, "tools": tools.split(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }, f, indent=2)
 PY
 # A build whose tools cannot start is never cached.

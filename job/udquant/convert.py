@@ -75,3 +75,31 @@ def export_mmproj(toolchain: Toolchain, model_dir: Path, output: Path, *, model_
                                     f"(general.type={header.metadata.get('general.type')!r}, "
                                     f"{len(header.tensors)} tensors)")
     return output
+
+
+# llama-mtmd-cli stops with exit 1 when the projector's output width is not the text model's, when
+# the image cannot be encoded, or when the image tokens cannot be decoded by the text model.
+MMPROJ_PAIR_HINTS = {
+    "mismatch between text model": "the vision projector's output width is not the text model's embedding width",
+}
+
+
+def build_mmproj_check_args(toolchain: Toolchain, text_model: Path, mmproj: Path, image: Path,
+                            threads: int | None = None) -> list[str]:
+    # chatml: the check is about the projector and the model, not the model's own chat template.
+    args = [str(toolchain.tool("llama-mtmd-cli")), "-m", str(text_model), "--mmproj", str(mmproj),
+            "--image", str(image), "-p", "Describe the image.", "-n", "1", "--temp", "0", "-c", "4096",
+            "--chat-template", "chatml"]
+    if toolchain.has_gpu:
+        args += ["-ngl", "99"]
+    if threads:
+        args += ["-t", str(threads)]
+    return args
+
+
+def check_mmproj_pair(toolchain: Toolchain, text_model: Path, mmproj: Path, *, image: Path, log_path: Path,
+                      threads: int | None = None) -> None:
+    """Load the mmproj file with a quantized text model in llama-mtmd-cli and run one small image through
+    both (encode, decode, one token): what a user's llama.cpp does first with the pair."""
+    run_tool(build_mmproj_check_args(toolchain, text_model, mmproj, image, threads), stage="mmproj-check",
+             log_path=log_path, hint_for=MMPROJ_PAIR_HINTS)

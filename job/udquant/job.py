@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from udquant.convert import MMPROJ_TYPE, convert_to_gguf, export_mmproj
+from udquant.convert import MMPROJ_TYPE, check_mmproj_pair, convert_to_gguf, export_mmproj
 from udquant.errors import InputError, RecipeError
 from udquant.evaluate import QuantEval
 from udquant.fetch import bytes_in, check_disk_space, fetch_model, model_dir_for
@@ -30,6 +30,7 @@ from udquant.output import (
     gguf_file_name,
     kept_levels,
     kept_mmproj,
+    mmproj_file_name,
     sha256_file,
     write_outputs,
 )
@@ -313,6 +314,13 @@ def run_job(options: JobOptions) -> JobResult:
         logger.info("%s: %s; %.2f bits per weight", plan.recipe.level, verification.summary,
                     verification.bits_per_weight)
         levels.append(LevelOutput(plan.recipe.level, plan.recipe, path, verification))
+
+    if mmproj is not None:  # the smallest level: the fastest load, and the one most changed by quantizing
+        smallest = min(levels, key=lambda lv: lv.source.stat().st_size)
+        with timings.stage("mmproj-check"):
+            check_mmproj_pair(toolchain, smallest.source, mmproj, image=data_file("vision-check.png"),
+                              log_path=options.work_dir / "mmproj-check.log", threads=options.threads)
+        logger.info("mmproj: %s loads with %s and reads an image", mmproj_file_name(model), smallest.level)
 
     evals: list[QuantEval] = []
     if options.evaluate:

@@ -23,7 +23,7 @@ PINNED_TAG = "b11434"
 # ggml's message when a CUDA build finds no usable GPU, e.g. "ggml_cuda_init: failed to initialize CUDA:
 # no CUDA-capable device is detected"; the tool then runs on the CPU and still succeeds.
 _CUDA_FAILED = re.compile(r"failed to initialize CUDA: ?(.*)")
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-mtmd-cli")
 BUILD_HINT = "build it with: scripts/build-toolchain.sh (or set UDQUANT_LLAMA_CPP to its output)"
 
 

@@ -44,6 +44,12 @@ def test_a_prefix_with_another_build_is_refused_not_reused(prefix):
     (prefix / "toolchain.json").write_text(json.dumps(manifest))
     done = build("--prefix", str(prefix))
     assert done.returncode == 2 and "other settings" in done.stderr
+    # A build of the same flags without one of the tools (an earlier udquant's) is another build too.
+    manifest["cmake_flags"].remove("-DGGML_AVX512=ON")
+    manifest["tools"].remove("llama-mtmd-cli")
+    (prefix / "toolchain.json").write_text(json.dumps(manifest))
+    done = build("--prefix", str(prefix))
+    assert done.returncode == 2 and "other settings" in done.stderr
 
 
 def test_the_cpu_build_is_portable(toolchain):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from udquant.toolchain import TOOLS
+
 pytestmark = pytest.mark.e2e
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -35,7 +37,7 @@ def toolchain_copy(toolchain, tmp_path) -> Path:
 def test_the_real_build_passes(toolchain):
     done = check(toolchain.root)
     assert done.returncode == 0, done.stderr
-    assert "4 tools start, no own copy of libstdc++" in done.stderr
+    assert "5 tools start, no own copy of libstdc++" in done.stderr
 
 
 @needs_gcc
@@ -67,7 +69,7 @@ def test_a_missing_tool_is_refused(toolchain_copy):
 
 
 def _cuda_shaped_build(tmp_path: Path) -> tuple[Path, Path]:
-    """A toolkit with only the libcuda link stub, and four tools that load a libggml-cuda.so that
+    """A toolkit with only the libcuda link stub, and the tools, each loading a libggml-cuda.so that
     needs libcuda.so.1: what a CUDA build looks like on a machine without the NVIDIA driver."""
     cuda_root = tmp_path / "cuda"
     stubs = cuda_root / "lib64" / "stubs"
@@ -89,7 +91,7 @@ def _cuda_shaped_build(tmp_path: Path) -> tuple[Path, Path]:
     gcc("-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", str(sources / "cuda.c"), "-o", str(stubs / "libcuda.so"))
     gcc("-shared", "-fPIC", str(sources / "ggml.c"), f"-L{stubs}", "-lcuda", "-o",
         str(folder / "bin" / "libggml-cuda.so"))
-    for tool in ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split"):
+    for tool in TOOLS:
         gcc(str(sources / "tool.c"), f"-L{folder / 'bin'}", "-lggml-cuda", "-Wl,-rpath,$ORIGIN",
             "-Wl,--allow-shlib-undefined", "-o", str(folder / "bin" / tool))
     return cuda_root, folder
@@ -110,7 +112,7 @@ def test_a_cuda_build_without_a_driver_starts_on_the_toolkits_stub(tmp_path):
 
     done = check(folder, env)
     assert done.returncode == 0, done.stderr
-    assert "4 tools start" in done.stderr
+    assert "5 tools start" in done.stderr
 
     (cuda_root / "lib64" / "stubs" / "libcuda.so").unlink()
     done = check(folder, env)

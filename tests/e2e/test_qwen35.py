@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import FAST_IMATRIX, run_cli
+from udquant.convert import check_mmproj_pair, convert_to_gguf, export_mmproj
+from udquant.errors import ToolError
 from udquant.gguf_header import read_gguf_header
 from udquant.library import data_file
 from udquant.tiny_qwen35 import make_tiny_qwen35
@@ -98,6 +100,9 @@ def test_a_vision_tower_becomes_an_mmproj_file_next_to_the_quants(qwen35_vision,
     assert not any(t.name.startswith(("v.", "mm.")) for t in text.tensors)
     card = (out / "README.md").read_text()
     assert f"| vision | `{mmproj.name}` |" in card and "Text only" not in card
+    # Before it was published, llama-mtmd-cli loaded the pair and ran an image through both.
+    assert "mmproj-check" in result["timings"]
+    assert "mtmd batch encoding done" in (tmp_path / "work" / "mmproj-check.log").read_text()
 
     proc = run_cli(*args, "--out-dir", tmp_path / "text-only", "--no-mmproj", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -129,3 +134,14 @@ def test_an_mmproj_published_before_stays_described_when_a_rerun_makes_none(qwen
     card = repo.files["README.md"].data.decode()
     assert f"| vision | `{mmproj}` |" in card and "kept from an earlier run" in card
     assert "Text only" not in card
+
+
+def test_an_mmproj_that_does_not_fit_the_text_model_stops_the_job(qwen35_vision, odd_llama, toolchain, tmp_path):
+    mmproj = export_mmproj(toolchain, qwen35_vision, tmp_path / "mmproj.gguf", model_name="vl",
+                           log_path=tmp_path / "mmproj.log")
+    text = convert_to_gguf(toolchain, odd_llama, tmp_path / "odd.gguf", no_mtp=False, model_name="odd",
+                           log_path=tmp_path / "convert.log")  # 320 wide; the projector writes 256
+    with pytest.raises(ToolError) as err:
+        check_mmproj_pair(toolchain, text, mmproj, image=data_file("vision-check.png"), log_path=tmp_path / "check.log")
+    assert err.value.tool == "llama-mtmd-cli" and err.value.returncode == 1
+    assert err.value.hint == "the vision projector's output width is not the text model's embedding width"
