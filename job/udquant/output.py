@@ -145,10 +145,9 @@ def kept_levels(previous: dict[str, Any] | None, remote_files: frozenset[str], m
 
 def kept_mmproj(previous: dict[str, Any] | None, remote_files: frozenset[str]) -> dict[str, Any] | None:
     """The mmproj file an earlier run published, when this run makes none and it is still there."""
-    record = (previous or {}).get("mmproj")
-    if not isinstance(record, dict) or record.get("file") not in remote_files:
+    record = previous.get("mmproj") if previous else None
+    if previous is None or not isinstance(record, dict) or record.get("file") not in remote_files:
         return None
-    assert previous is not None
     return record | {"kept_from": _earlier_run(previous, record)}
 
 
