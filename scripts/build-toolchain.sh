@@ -72,8 +72,7 @@ else
   backend=cpu
 fi
 
-# What the job runs; llama-mtmd-cli loads each mmproj file with a quant before it is published.
-tools=(llama-quantize llama-imatrix llama-perplexity llama-gguf-split llama-mtmd-cli)
+read -r -a tools <<<"$LLAMA_CPP_TOOLS"
 
 # The key names the tag, the flags and the tools: a build without one of the tools is another build.
 flags_key=$(printf '%s\n' "$LLAMA_CPP_TAG" "${cmake_flags[@]}" "tools: ${tools[*]}" | sha256sum | cut -c1-12)
@@ -81,7 +80,7 @@ dest="${prefix:-$cache_dir/llama.cpp/$LLAMA_CPP_TAG-$backend-$flags_key}"
 dest="${dest%/}"  # DIR/ would make the staging folder DIR/.partial, inside what is replaced
 
 if [ -f "$dest/toolchain.json" ]; then
-  # The same key from the tag and flags the build recorded: a --prefix folder has no key in its name.
+  # The same key from the tag, flags and tools the build recorded: a --prefix folder has no key in its name.
   built_key=$(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["tag"]); print(*m["cmake_flags"], sep="\n"); print("tools:", *m.get("tools", []))' \
                 "$dest/toolchain.json" | sha256sum | cut -c1-12) || die "cannot read $dest/toolchain.json"
   [ "$built_key" = "$flags_key" ] || die "$dest holds a llama.cpp build made with other settings (see its \

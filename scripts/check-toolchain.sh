@@ -14,7 +14,9 @@ set -euo pipefail
 dir="${1:-}"
 die() { echo "check-toolchain: $*" >&2; exit 2; }
 [ -n "$dir" ] && [ -d "$dir/bin" ] || die "usage: check-toolchain.sh DIR (a folder with bin/ that build-toolchain.sh made)"
-tools=(llama-quantize llama-imatrix llama-perplexity llama-gguf-split llama-mtmd-cli)
+# shellcheck source=scripts/llama-cpp-pin.env
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/llama-cpp-pin.env"
+read -r -a tools <<<"$LLAMA_CPP_TOOLS"
 
 # A copy of libstdc++ linked into a shared library exports its operator new and locale symbols.
 # (No grep -q after a pipe here: it stops reading, and under pipefail the writer's SIGPIPE is a miss.)

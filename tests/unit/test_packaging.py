@@ -135,6 +135,10 @@ def test_dockerfile_pins_the_same_llama_cpp_as_the_job():
     assert dockerfile_arg_defaults()["LLAMA_CPP_TAG"] == read_pin_env()["LLAMA_CPP_TAG"] == toolchain.PINNED_TAG
 
 
+def test_the_build_makes_the_tools_the_job_runs():
+    assert read_pin_env()["LLAMA_CPP_TOOLS"].strip('"').split() == list(toolchain.TOOLS)
+
+
 def test_dockerfile_builds_llama_cpp_through_the_build_script():
     runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
     build = [rest for rest in runs if "scripts/build-toolchain.sh" in rest]
