@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     --cache-dir) cache_dir="$2"; shift 2 ;;
     --prefix) prefix="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
-    -h|--help) sed -n 2,9p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option: $1" ;;
   esac
 done

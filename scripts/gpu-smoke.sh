@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU smoke test: build the pinned llama.cpp with CUDA from a local source archive, then run
 # `udquant demo --eval` (the whole job on the bundled tiny model, then KL divergence against
-# BF16; llama-imatrix and llama-perplexity run with -ngl 99 because the build is CUDA) and print
-# the stage timings. Needs no network at all: everything it uses is prepared beforehand and
-# passed in.
+# BF16; on a CUDA build llama-imatrix and llama-perplexity offload as many layers as fit, here all,
+# which this script checks) and print the stage timings. Needs no network at all: everything it
+# uses is prepared beforehand and passed in.
 #
 #   scripts/gpu-smoke.sh --source-archive FILE [--from pypi|git] [--venv DIR] [--cuda-arch LIST]
 #                        [--cache-dir DIR] [--out-dir DIR] [--jobs N] [--cpu]
@@ -71,7 +71,7 @@ while [ $# -gt 0 ]; do
     --out-dir) out_dir="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --cpu) cpu=1; shift ;;
-    -h|--help) sed -n 2,43p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option: $1" ;;
   esac
 done

@@ -90,8 +90,6 @@ def build_mmproj_check_args(toolchain: Toolchain, text_model: Path, mmproj: Path
     args = [str(toolchain.tool("llama-mtmd-cli")), "-m", str(text_model), "--mmproj", str(mmproj),
             "--image", str(image), "-p", "Describe the image.", "-n", "1", "--temp", "0", "-c", "4096",
             "--chat-template", "chatml"]
-    if toolchain.has_gpu:
-        args += ["-ngl", "99"]
     if threads:
         args += ["-t", str(threads)]
     return args

@@ -167,8 +167,6 @@ def build_base_logits_args(toolchain: Toolchain, model: Path, eval_text: Path, o
                            chunks: int, context: int) -> list[str]:
     args = [str(toolchain.tool(TOOL)), "-m", str(model), "-f", str(eval_text), "-c", str(context),
             "--chunks", str(chunks), "--kl-divergence-base", str(output)]
-    if toolchain.has_gpu:
-        args += ["-ngl", "99"]
     return args
 
 
@@ -176,8 +174,6 @@ def build_kld_args(toolchain: Toolchain, quant: Path, base_logits: Path, *, cont
     # No -f: the tokens are read from the base-logits file, so both runs see the same text.
     args = [str(toolchain.tool(TOOL)), "-m", str(quant), "--kl-divergence-base", str(base_logits),
             "--kl-divergence", "-c", str(context)]
-    if toolchain.has_gpu:
-        args += ["-ngl", "99"]
     return args
 
 

@@ -47,8 +47,6 @@ def build_imatrix_args(toolchain: Toolchain, model: Path, calibration: Path,
     args = [str(toolchain.tool("llama-imatrix")), "-m", str(model), "-f", str(calibration),
             "-o", str(output), "--output-format", "gguf", "-c", str(settings.context),
             "--chunks", str(settings.chunks), "--no-ppl"]
-    if toolchain.has_gpu:
-        args += ["-ngl", "99"]
     return args
 
 

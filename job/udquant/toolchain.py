@@ -43,6 +43,9 @@ class Toolchain:
     def converter(self) -> Path:
         return self.root / "src" / "convert_hf_to_gguf.py"
 
+    # A CUDA build needs no -ngl: llama.cpp b11434 offloads as many layers as fit in free GPU memory,
+    # all when they fit (common/fit.cpp, on by default), and an explicit -ngl turns that off, so a
+    # model larger than the GPU would stop with out-of-memory instead of running partly on the CPU.
     @property
     def has_gpu(self) -> bool:
         return self.backend != "cpu"

@@ -35,6 +35,14 @@ def test_rehearsal_runs_the_demo_with_eval_and_prints_timings(toolchain, tmp_pat
     assert "gpu-smoke: Q5_K_M (standard): " in done.stderr
 
 
+def test_help_is_the_whole_header(tmp_path):
+    done = smoke("--help", cwd=tmp_path)
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("# GPU smoke test:")
+    assert lines[-1] == "# compiler. The last line printed is the output folder."
+
+
 def test_refusals_are_clear(toolchain, tmp_path):
     missing = smoke("--toolchain", tmp_path / "nothing", cwd=tmp_path)
     assert missing.returncode == 2 and "no toolchain.json in" in missing.stderr

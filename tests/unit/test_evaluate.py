@@ -102,12 +102,12 @@ def test_non_finite_numbers_are_refused():
         parse_kld_output(text)
 
 
-def test_base_logits_args_offload_only_with_gpu():
+def test_base_logits_args_leave_offload_to_llama_cpp():
     args = build_base_logits_args(CPU, Path("m.gguf"), Path("eval.txt"), Path("base.kld"), chunks=8, context=512)
     assert args == ["/tc/bin/llama-perplexity", "-m", "m.gguf", "-f", "eval.txt", "-c", "512", "--chunks", "8",
                     "--kl-divergence-base", "base.kld"]
     gpu = build_base_logits_args(GPU, Path("m.gguf"), Path("eval.txt"), Path("base.kld"), chunks=8, context=512)
-    assert gpu == [*args, "-ngl", "99"]
+    assert gpu == args  # no -ngl: llama.cpp fits the layers to free GPU memory only when it is unset
 
 
 def test_kld_args_read_tokens_from_the_base_file():
@@ -115,7 +115,7 @@ def test_kld_args_read_tokens_from_the_base_file():
     assert args == ["/tc/bin/llama-perplexity", "-m", "q.gguf", "--kl-divergence-base", "base.kld",
                     "--kl-divergence", "-c", "256"]
     assert "-f" not in args
-    assert build_kld_args(GPU, Path("q.gguf"), Path("base.kld"), context=256)[-2:] == ["-ngl", "99"]
+    assert build_kld_args(GPU, Path("q.gguf"), Path("base.kld"), context=256) == args
 
 
 def test_reference_quantize_args_are_llama_quantize_defaults():

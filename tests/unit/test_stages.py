@@ -15,7 +15,7 @@ import pytest
 from tests.fakes.hub_models import safetensors_header_only
 from tests.layouts import header_of, llama_layout
 from udquant import toolchain as toolchain_module
-from udquant.convert import build_convert_args
+from udquant.convert import build_convert_args, build_mmproj_check_args
 from udquant.errors import DiskSpaceError, ToolchainError, ToolError
 from udquant.fetch import check_disk_space
 from udquant.imatrix import ImatrixSettings, build_imatrix_args
@@ -36,13 +36,21 @@ def test_convert_args():
     assert "--no-mtp" not in kept and "--model-name" in kept
 
 
-def test_imatrix_args_offload_only_with_gpu():
+def test_imatrix_args_leave_offload_to_llama_cpp():
     settings = ImatrixSettings(Path("c.txt"), chunks=8, context=128)
     args = build_imatrix_args(TOOLCHAIN, Path("m.gguf"), Path("c.txt"), settings, Path("o.gguf"))
     assert args == ["/tc/bin/llama-imatrix", "-m", "m.gguf", "-f", "c.txt", "-o", "o.gguf", "--output-format",
                     "gguf", "-c", "128", "--chunks", "8", "--no-ppl"]
     gpu = Toolchain(Path("/tc"), "b11434", "abc", "cuda", "git", "d" * 64)
-    assert build_imatrix_args(gpu, Path("m"), Path("c"), settings, Path("o"))[-2:] == ["-ngl", "99"]
+    assert build_imatrix_args(gpu, Path("m.gguf"), Path("c.txt"), settings, Path("o.gguf")) == args
+
+
+def test_mmproj_check_args_leave_offload_to_llama_cpp():
+    args = build_mmproj_check_args(TOOLCHAIN, Path("q.gguf"), Path("mmproj.gguf"), Path("i.png"), threads=2)
+    assert args[:7] == ["/tc/bin/llama-mtmd-cli", "-m", "q.gguf", "--mmproj", "mmproj.gguf", "--image", "i.png"]
+    assert args[-2:] == ["-t", "2"] and "-ngl" not in args
+    gpu = Toolchain(Path("/tc"), "b11434", "abc", "cuda", "git", "d" * 64)
+    assert build_mmproj_check_args(gpu, Path("q.gguf"), Path("mmproj.gguf"), Path("i.png"), threads=2) == args
 
 
 def test_quantize_args():
