@@ -38,6 +38,7 @@ from udquant.dispatch.hf_jobs import DEFAULT_TIMEOUT_HOURS, HfJobsBackend, descr
 from udquant.dispatch.preview import Inspection, inspect_repo
 from udquant.dispatch.queue import JobRegistry
 from udquant.errors import UdquantError
+from udquant.hub import NO_ANSWER
 from udquant.resolve import validate_repo_id
 
 logger = logging.getLogger("udquant.space")
@@ -159,6 +160,9 @@ class SpaceSession:
                 self._names[token] = str(HfApi(token=token).whoami()["name"])
             except HfHubHTTPError:
                 raise UdquantError("the Hub did not accept the sign-in token", hint="sign in again") from None
+            except NO_ANSWER as err:
+                raise UdquantError(f"cannot reach the Hub ({type(err).__name__})",
+                                   hint="try again in a minute") from None
         return self._names[token]
 
     def backend(self, target: str, token: str, flavor: str = "", github_repo: str = "",

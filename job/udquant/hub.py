@@ -38,10 +38,11 @@ MODEL_FILE_PATTERNS = [
 
 # What a Hub call can fail with: an HTTP error answer; no answer at all (a download says so with
 # LocalEntryNotFoundError when the file is not cached either); offline mode; weights whose
-# safetensors headers cannot be described.
-_NO_ANSWER = (hf_httpx.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+# safetensors headers cannot be described. NO_ANSWER is the client's own transport error: since
+# huggingface_hub 2 that is httpx2's, which `except httpx.HTTPError` does not catch.
+NO_ANSWER = (hf_httpx.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled)
 _UNDESCRIBED_WEIGHTS = (NotASafetensorsRepoError, SafetensorsParsingError)
-HUB_ERRORS: tuple[type[Exception], ...] = (HfHubHTTPError, *_NO_ANSWER, *_UNDESCRIBED_WEIGHTS)
+HUB_ERRORS: tuple[type[Exception], ...] = (HfHubHTTPError, *NO_ANSWER, *_UNDESCRIBED_WEIGHTS)
 
 
 def hub_error(repo_id: str, err: Exception) -> HubError:
@@ -54,7 +55,7 @@ def hub_error(repo_id: str, err: Exception) -> HubError:
     if isinstance(err, OfflineModeIsEnabled):
         return HubError(f"{repo_id} is on the Hub, and HF_HUB_OFFLINE is set",
                         hint="unset HF_HUB_OFFLINE, or give a local model folder")
-    if isinstance(err, _NO_ANSWER):
+    if isinstance(err, NO_ANSWER):
         return HubError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(err).__name__}: {err})",
                         hint="check the network, or HF_ENDPOINT")
     if isinstance(err, _UNDESCRIBED_WEIGHTS):

@@ -3,9 +3,11 @@
 Only what the SDK calls for containers.run / get / logs / stop, images.pull and ping:
   GET  /_ping, /version
   POST /containers/create?name=   (404 "No such image" until the image was pulled)
-  POST /containers/{id}/start, /containers/{id}/stop
+  POST /containers/{id}/start     (500 with `start_error`, as an engine without the NVIDIA runtime)
+  POST /containers/{id}/stop
   GET  /containers/{id}/json, /containers/{id}/logs (multiplexed stdout/stderr frames)
-  DELETE /containers/{id}         (409 while it runs, as without force)
+  DELETE /containers/{id}         (409 while it runs, unless force=1)
+{id} is a container's id or its name, as for the real engine.
   POST /images/create?fromImage=&tag=    GET /images/{name}/json
 Every request is recorded with its body; tests finish containers with `finish()`.
 """
@@ -36,6 +38,7 @@ class EngineState:
         self.containers: dict[str, dict[str, Any]] = {}
         self.output: dict[str, list[tuple[int, str]]] = {}  # container id -> (stream 1|2, line)
         self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
+        self.start_error: str | None = None
         self.lock = threading.Lock()
 
 
@@ -77,9 +80,11 @@ class _Handler(JSONHandler):
         if path == "/containers/create" and self.command == "POST":
             return self._create(body or {}, query.get("name", ""))
         if match := re.fullmatch(r"/containers/([^/]+)", path):
-            return self._remove(match.group(1)) if self.command == "DELETE" else self._message(405, "no")
+            if self.command != "DELETE":
+                return self._message(405, "no")
+            return self._remove(self._id(match.group(1)), force=query.get("force") in ("1", "True", "true"))
         if match := re.fullmatch(r"/containers/([^/]+)/(json|start|stop|logs)", path):
-            return self._container(match.group(1), match.group(2), query)
+            return self._container(self._id(match.group(1)), match.group(2), query)
         if path == "/images/create" and self.command == "POST":
             return self._pull(query.get("fromImage", ""), query.get("tag", "latest"))
         if match := re.fullmatch(r"/images/(.+)/json", path):
@@ -88,6 +93,10 @@ class _Handler(JSONHandler):
                 return self._message(404, f"No such image: {name}")
             return self.send_json({"Id": "sha256:" + "0" * 64, "RepoTags": [name]})
         self._message(404, f"page not found: {self.command} {path}")
+
+    def _id(self, ref: str) -> str:
+        by_name = [cid for cid, c in self.state.containers.items() if c["Name"] == f"/{ref}"]
+        return by_name[0] if by_name else ref
 
     def _create(self, body: dict[str, Any], name: str) -> None:
         image = body.get("Image", "")
@@ -112,6 +121,8 @@ class _Handler(JSONHandler):
         if action == "json":
             return self.send_json(container)
         if action == "start":
+            if self.state.start_error:
+                return self._message(500, self.state.start_error)
             with self.state.lock:
                 container["State"] = {"Status": "running", "Running": True, "ExitCode": 0}
                 self.state.output[container_id].append((2, "INFO resolve: started"))
@@ -132,12 +143,12 @@ class _Handler(JSONHandler):
                           for stream, data in ((s, (line + "\n").encode()) for s, line in selected))
         self.send_body(200, frames, "application/vnd.docker.multiplexed-stream")
 
-    def _remove(self, container_id: str) -> None:
+    def _remove(self, container_id: str, force: bool) -> None:
         with self.state.lock:
             container = self.state.containers.get(container_id)
             if container is None:
                 return self._message(404, f"No such container: {container_id}")
-            if container["State"]["Running"]:
+            if container["State"]["Running"] and not force:
                 return self._message(409, f"cannot remove container {container_id}: container is running")
             del self.state.containers[container_id]
         self.send_body(204)

@@ -2,7 +2,8 @@
 
   POST /repos/{o}/{r}/actions/workflows/{wf}/dispatches      200 with the run's id when asked (return_run_details),
                                                               as github.com; `run_details` plays older servers:
-                                                              "ignored" (204) or "rejected" (422). The run is
+                                                              "ignored" (204), "rejected" (422) or "rejected-400"
+                                                              (GHES 3.20 and older). The run is
                                                               listed after `run_delay` listings
   GET  /repos/{o}/{r}/actions/workflows/{wf}/runs?event=...   newest first, like GitHub
   GET  /repos/{o}/{r}/actions/runs/{id}                       the run
@@ -54,7 +55,7 @@ class GitHubState:
         self.runs: dict[int, FakeRun] = {}
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []
         self.run_delay = 1  # listings after a dispatch before its run is listed (GitHub is eventually consistent)
-        self.run_details = "returned"  # "ignored", "rejected": a server without return_run_details
+        self.run_details = "returned"  # "ignored", "rejected", "rejected-400": a server without return_run_details
         self.ids = itertools.count(1000)
         self.lock = threading.Lock()
 
@@ -101,9 +102,9 @@ class _Handler(JSONHandler):
         if "ref" not in body:
             return self.send_json({"message": "Invalid request: ref is missing"}, 422)
         wants_details = body.get("return_run_details") is True
-        if wants_details and self.state.run_details == "rejected":
+        if wants_details and self.state.run_details.startswith("rejected"):
             return self.send_json({"message": "Invalid request.\n\n\"return_run_details\" is not a permitted key."},
-                                  422)
+                                  400 if self.state.run_details == "rejected-400" else 422)
         run_id = next(self.state.ids)
         with self.state.lock:
             run = FakeRun(run_id, repository, workflow, body["ref"], body.get("inputs") or {},

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 from collections.abc import Iterator
 
 import pytest
+from huggingface_hub import constants
 
 from tests.fakes.docker_engine import FakeDockerEngine
 from tests.fakes.github_api import FakeGitHub
@@ -26,6 +28,7 @@ from udquant.dispatch.base import (
     make_request,
     redact,
 )
+from udquant.dispatch.cli import _namespace as hub_namespace
 from udquant.dispatch.cli import add_dispatch_command, follow
 from udquant.dispatch.docker_backend import DockerBackend, engine_available
 from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, eval_cost, output_bytes
@@ -202,6 +205,23 @@ def test_hf_jobs_failure_and_bad_token(jobs: HubJobs, request_two_levels: Dispat
         HfJobsBackend("")
 
 
+def test_hf_jobs_without_an_answer_fail_as_passing_dispatch_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No answer at all is a DispatchError without a status (so --wait looks again), whatever HTTP client
+    huggingface_hub uses (httpx2 since 2.0, whose errors are not httpx's)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once the probe is closed
+    backend = HfJobsBackend(HF_TOKEN, namespace="alice", endpoint=closed)
+    with pytest.raises(DispatchError, match="inspect_job failed") as caught:
+        backend.status(JobHandle("hf-jobs", "j1", "alice", None))
+    assert caught.value.status_code is None and HF_TOKEN not in str(caught.value)
+    with pytest.raises(DispatchError, match="listing hardware failed"):
+        list_hardware(HF_TOKEN, endpoint=closed)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    with pytest.raises(DispatchError, match="whoami failed: cannot reach the Hub"):
+        hub_namespace(HF_TOKEN)
+
+
 def test_hardware_list_and_estimates(jobs: HubJobs) -> None:
     flavors = {info.name: describe_hardware(info) for info in list_hardware(HF_TOKEN)}
     a10g = flavors["a10g-large"]
@@ -279,9 +299,9 @@ def test_docker_pulls_and_runs_with_all_gpus_cache_volume_and_token_in_env_only(
     assert HF_TOKEN not in caplog.text
 
 
-def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: DispatchRequest) -> None:
+def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: DispatchRequest, tmp_path) -> None:
     engine.state.images.add(IMAGE)
-    backend = DockerBackend(HF_TOKEN)
+    backend = DockerBackend(HF_TOKEN, failed_log_dir=tmp_path / "logs")
     handle = backend.start(request_two_levels)
     assert not any(path.startswith("/images/create") for _, path, _ in engine.state.requests)
     backend.cancel(handle)
@@ -294,7 +314,10 @@ def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: D
     assert HF_TOKEN not in "\n".join(backend.logs(failing))  # redacted even if the job printed it
     assert backend.result_link(failing) is None
     backend.release(failing)
-    assert failing.job_id in engine.state.containers  # kept for `docker logs`
+    # The engine stored the token with the container: it goes, its whole log (redacted) is kept.
+    assert failing.job_id not in engine.state.containers
+    saved = (tmp_path / "logs" / f"udquant-job-{failing.job_id[:12]}.log").read_text()
+    assert "INFO resolve: started" in saved and "ERROR verification failed" in saved and HF_TOKEN not in saved
     with pytest.raises(DispatchError) as caught:
         backend.status(JobHandle("docker", "nope", "", None))
     assert caught.value.status_code == 404
@@ -304,6 +327,16 @@ def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: D
     engine.finish(running.job_id, 137, stderr=["INFO quantize: UD-Q5_K_XL"], oom_killed=True)
     status = backend.status(running)
     assert status.state == "failed" and "OOMKilled" in status.detail  # the kernel killed it: not a cancel
+
+
+def test_docker_start_failure_leaves_no_container(engine: FakeDockerEngine,
+                                                  request_two_levels: DispatchRequest) -> None:
+    engine.state.images.add(IMAGE)
+    engine.state.start_error = 'could not select device driver "" with capabilities: [[gpu]]'
+    with pytest.raises(DispatchError, match="could not select device driver") as caught:
+        DockerBackend(HF_TOKEN).start(request_two_levels)
+    assert caught.value.status_code == 500
+    assert engine.state.containers == {}  # the created container, which held the token, is removed
 
 
 def test_docker_engine_detection(engine: FakeDockerEngine, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -358,7 +391,7 @@ def test_github_dispatches_in_quick_succession_follow_their_own_runs(github: Fak
     assert github.state.runs[int(second.job_id)].inputs["repo"] == "someone/Second-8B"
 
 
-@pytest.mark.parametrize("server", ["ignored", "rejected"])
+@pytest.mark.parametrize("server", ["ignored", "rejected", "rejected-400"])
 def test_github_server_without_run_details_falls_back_to_the_new_run(github: FakeGitHub, server: str,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     github.state.run_details = server
@@ -555,6 +588,19 @@ def test_wait_timeout_leaves_the_job_running() -> None:
     assert backend.released == []
     with pytest.raises(SystemExit):
         _dispatch_parser().parse_args(["dispatch", "--backend", "docker", "a/b", "--wait", "--wait-timeout", "0"])
+
+
+@pytest.mark.parametrize(("given", "accepted"), [("8h", True), ("90m", True), ("1.5d", True), ("3600", True),
+                                                ("8H", False), ("8 h", False), ("0h", False), ("-1", False)])
+def test_hf_jobs_timeout_is_checked_before_anything_starts(given: str, accepted: bool,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["dispatch", "--backend", "hf-jobs", "a/b", "--timeout", given]
+    if accepted:
+        assert _dispatch_parser().parse_args(argv).timeout == given
+        return
+    with pytest.raises(SystemExit):
+        _dispatch_parser().parse_args(argv)
+    assert "is not a time limit such as 8h" in capsys.readouterr().err
 
 
 def test_a_failed_job_is_released_and_reported() -> None:

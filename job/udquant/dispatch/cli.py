@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 
@@ -27,6 +28,7 @@ from udquant.dispatch.base import (
 )
 from udquant.dispatch.job_command import default_image
 from udquant.errors import InputError
+from udquant.hub import NO_ANSWER
 from udquant.resolve import validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ def _namespace(token: str) -> str:
     except HfHubHTTPError as err:
         raise DispatchError("hub", "whoami failed: the Hub did not accept HF_TOKEN",
                             status_code=err.response.status_code, hint="check HF_TOKEN") from None
+    except NO_ANSWER as err:
+        raise DispatchError("hub", f"whoami failed: cannot reach the Hub ({type(err).__name__}: {err})",
+                            hint="check the network, or HF_ENDPOINT") from None
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -87,6 +92,13 @@ def _minutes(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of minutes")
     return value
+
+
+def _job_timeout(text: str) -> str:
+    """An HF Jobs time limit as huggingface_hub reads it: seconds, or a number with s, m, h or d."""
+    if not re.fullmatch(r"\d+(\.\d+)?[smhd]?", text) or not float(text.rstrip("smhd")) > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time limit such as 8h, 90m or 3600")
+    return text
 
 
 def _passing(err: DispatchError) -> bool:
@@ -167,7 +179,8 @@ def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--output-repo", help="where to upload (default: <your namespace>/<Name>-UD-GGUF)")
     parser.add_argument("--image", default=default_image(), help="job image (default: this release's)")
     parser.add_argument("--flavor", default="a10g-large", help="hf-jobs hardware flavor (default: a10g-large)")
-    parser.add_argument("--timeout", default="8h", help="hf-jobs time limit (default: 8h)")
+    parser.add_argument("--timeout", default="8h", type=_job_timeout,
+                        help="hf-jobs time limit: seconds, or a number with s, m, h or d (default: 8h)")
     parser.add_argument("--github-repo", metavar="OWNER/REPO", help="github: the repository with quantize.yml")
     parser.add_argument("--workflow", default="quantize.yml", help="github: workflow file (default: quantize.yml)")
     parser.add_argument("--ref", default="main", help="github: branch or tag to run the workflow from")

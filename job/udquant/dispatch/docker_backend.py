@@ -4,7 +4,9 @@ The token travels in the container's environment (HF_TOKEN). Plain containers ha
 secret store: Docker secrets exist only for swarm services, and a file mount would leave
 the token on the host's disk. The environment is visible to whoever can already control
 the Docker engine (and thereby the host), and never appears in the command line, the
-labels or our logs.
+labels or our logs. The engine stores it with the container, so no container outlives its
+job: a failed one's log is saved to a file before it is removed, and one that could not
+start is removed at once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -35,6 +38,8 @@ DATA_VOLUME = "udquant-data"
 DATA_PATH = "/data"
 LABEL_PREFIX = "org.udquant"
 JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# Where a failed job's container log is saved (next to the job's own default output, ./udquant-out).
+FAILED_LOG_DIR = Path("udquant-out") / "docker-logs"
 
 
 def gpu_request() -> docker.types.DeviceRequest:
@@ -63,11 +68,13 @@ def engine_available(timeout: float = 2) -> bool:
 class DockerBackend:
     name = NAME
 
-    def __init__(self, token: str, *, client: docker.DockerClient | None = None) -> None:
+    def __init__(self, token: str, *, client: docker.DockerClient | None = None,
+                 failed_log_dir: Path = FAILED_LOG_DIR) -> None:
         if not token:
             raise DispatchError(NAME, "a Hugging Face token is needed to upload the result", hint="set HF_TOKEN")
         self._token = token
         self._client = client or connect()
+        self.failed_log_dir = failed_log_dir
 
     @contextmanager
     def _calls(self, action: str) -> Iterator[None]:
@@ -101,10 +108,21 @@ class DockerBackend:
     def start(self, request: DispatchRequest) -> JobHandle:
         spec = self.container_spec(request)
         logger.info("starting %s in local Docker: %s", request.image, " ".join(spec["entrypoint"] + spec["command"]))
-        with self._calls("containers.run"):
-            container = self._client.containers.run(**spec)
+        try:
+            with self._calls("containers.run"):
+                container = self._client.containers.run(**spec)
+        except DispatchError:
+            self._remove_unstarted(spec["name"])
+            raise
         return JobHandle(backend=NAME, job_id=str(container.id), location=str(self._client.api.base_url),
                          output_repo=request.output_repo, url=None)
+
+    def _remove_unstarted(self, name: str) -> None:
+        """containers.run creates, then starts: a start that failed (no NVIDIA runtime, say) leaves a created
+        container holding the token."""
+        # Nothing to remove when it was never created, or when the engine is gone.
+        with suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+            self._client.containers.get(name).remove(force=True)
 
     def _container(self, handle: JobHandle) -> Any:
         with self._calls("containers.get"):
@@ -145,17 +163,26 @@ class DockerBackend:
         return link_from_logs(self.logs(handle, tail=20)) or f"{constants.ENDPOINT}/{handle.output_repo}"
 
     def release(self, handle: JobHandle) -> None:
-        """Remove an ended job's container once its result has been read; a failed one is kept for `docker logs`.
+        """Remove an ended job's container once its result has been read; a failed one's log is saved first.
 
         The volume stays: it holds the cache, the resumable work and the results.
         """
         status = self.status(handle)
         if not status.terminal:
             raise DispatchError(NAME, f"container {handle.job_id[:12]} is still {status.state}; cancel it first")
-        if status.state == "failed":
-            logger.info("keeping the failed job's container for inspection: docker logs %s; docker rm %s",
-                        handle.job_id[:12], handle.job_id[:12])
-            return
         container = self._container(handle)
+        if status.state == "failed":
+            saved = self._save_log(container, handle)
+            logger.info("the failed job's log is in %s (its container is removed: the engine stored HF_TOKEN "
+                        "with it); the udquant-data volume keeps its work dir and each stage's log", saved)
         with self._calls("remove"):
             container.remove()
+
+    def _save_log(self, container: Any, handle: JobHandle) -> Path:
+        with self._calls("logs"):
+            raw = container.logs(stdout=True, stderr=True)
+        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+        self.failed_log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.failed_log_dir / f"udquant-job-{handle.job_id[:12]}.log"
+        path.write_text(redact(text, [self._token]))
+        return path

@@ -114,9 +114,11 @@ class GitHubBackend:
         try:
             response = self._request("POST", path, json={**body, "return_run_details": True})
         except DispatchError as err:
-            if err.status_code != 422 or "return_run_details" not in str(err):
+            # A server that does not know the parameter (GHES 3.20 and older) refuses the request with 400
+            # or 422 and started nothing; another cause of those fails again without it, and is raised then.
+            if err.status_code not in (400, 422):
                 raise
-            response = self._request("POST", path, json=body)  # a server that does not know the parameter
+            response = self._request("POST", path, json=body)
         details = response.json() if response.status_code == 200 and response.content else {}
         run_id = details.get("workflow_run_id") if isinstance(details, dict) else None
         if run_id is None:

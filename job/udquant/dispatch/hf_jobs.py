@@ -11,7 +11,6 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
 from huggingface_hub import HfApi, JobHardwareInfo
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -19,6 +18,7 @@ from udquant import __version__
 from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, State, link_from_logs, redact
 from udquant.dispatch.estimate import JOB_TIME_LIMIT_HOURS, Hardware, parse_amount
 from udquant.dispatch.job_command import build_job_args
+from udquant.hub import NO_ANSWER
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class HfJobsBackend:
             status = err.response.status_code if err.response is not None else None
             raise DispatchError(NAME, f"{action} failed: {redact(str(err), [self._token])}",
                                 status_code=status) from None
-        except httpx.HTTPError as err:  # no answer at all: refused, reset, timed out
+        except NO_ANSWER as err:  # no answer at all: refused, reset, timed out
             raise DispatchError(NAME, f"{action} failed: {redact(str(err), [self._token])}") from None
 
     @property
@@ -117,7 +117,7 @@ def list_hardware(token: str | None = None, endpoint: str | None = None) -> list
     """The flavors HF Jobs offers, with their prices, straight from the API."""
     try:
         return HfApi(endpoint=endpoint).list_jobs_hardware(token=token or False)
-    except HfHubHTTPError as err:
+    except (HfHubHTTPError, *NO_ANSWER) as err:
         raise DispatchError(NAME, f"listing hardware failed: {redact(str(err), [token])}") from None
 
 
