@@ -2,7 +2,7 @@
 # The udquant job with CUDA llama.cpp tools:
 #
 #   docker build -t udquant-job .
-#   docker run --rm --gpus all -e HF_TOKEN -v udquant-data:/data udquant-job owner/Distill-Name
+#   docker run --rm --init --gpus all -e HF_TOKEN -v udquant-data:/data udquant-job owner/Distill-Name
 #
 # The builder compiles llama.cpp through scripts/build-toolchain.sh, the script CI and the
 # tests run, so the image holds the same pinned, digest-checked tree. The final stage is the
@@ -24,9 +24,13 @@ ARG UDQUANT_VERSION=0.1.0
 ARG LLAMA_CPP_TAG=b11434
 # GPU architectures the kernels are compiled for (CMAKE_CUDA_ARCHITECTURES):
 #   80 A100, A30 · 86 RTX 30xx, A10, A40, RTX A6000 · 89 RTX 40xx, L4, L40S · 90 H100, H200, GH200
-# Each one adds build time and size; newer GPUs run the PTX of the highest listed one (JIT-compiled
-# on first use). Narrow it for a single card: --build-arg CUDA_ARCHITECTURES=90
-ARG CUDA_ARCHITECTURES="80;86;89;90"
+# Each one adds build time and size. -real: machine code only; the last one also keeps its PTX, which
+# newer GPUs (Blackwell) JIT-compile on first use. Narrow it for a single card:
+# --build-arg CUDA_ARCHITECTURES=90
+ARG CUDA_ARCHITECTURES="80-real;86-real;89-real;90"
+# Parallel compile jobs (default: every core). Each nvcc job can take a few GB: lower it on a builder
+# with little memory per core, e.g. --build-arg BUILD_JOBS=2
+ARG BUILD_JOBS=""
 # The converter needs torch only on the CPU; the CUDA wheel would add ~4 GB.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -34,6 +38,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 FROM nvidia/cuda:12.8.1-devel-ubuntu24.04 AS builder
 ARG LLAMA_CPP_TAG
 ARG CUDA_ARCHITECTURES
+ARG BUILD_JOBS
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
 ENV DEBIAN_FRONTEND=noninteractive
@@ -58,7 +63,8 @@ RUN pinned=$(sed -n 's/^LLAMA_CPP_TAG=//p' scripts/llama-cpp-pin.env) \
     && if [ "$pinned" != "$LLAMA_CPP_TAG" ]; then \
          echo "LLAMA_CPP_TAG=$LLAMA_CPP_TAG but scripts/llama-cpp-pin.env pins $pinned" >&2; exit 1; \
        fi
-RUN scripts/build-toolchain.sh --from git --cuda --cuda-arch "$CUDA_ARCHITECTURES" --prefix /opt/llama.cpp
+RUN scripts/build-toolchain.sh --from git --cuda --cuda-arch "$CUDA_ARCHITECTURES" --prefix /opt/llama.cpp \
+      --jobs "${BUILD_JOBS:-$(nproc)}"
 
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"

@@ -4,7 +4,7 @@
 # tag and flags is a no-op. The last line printed is the toolchain directory.
 #
 #   scripts/build-toolchain.sh [--from pypi|git] [--source-archive FILE] [--cuda]
-#                              [--cuda-arch "80;86;89;90"] [--cache-dir DIR] [--jobs N]
+#                              [--cuda-arch "80-real;86-real;89-real;90"] [--cache-dir DIR] [--jobs N]
 #                              [--prefix DIR]
 set -euo pipefail
 
@@ -16,7 +16,7 @@ source "$here/llama-cpp-pin.env"
 from=pypi
 source_archive=""
 cuda=0
-cuda_arch="80;86;89;90"
+cuda_arch="80-real;86-real;89-real;90"
 cache_dir="${UDQUANT_CACHE_DIR:-$root/.cache}"
 prefix=""
 jobs=$(nproc)

@@ -41,8 +41,13 @@ class Terminated(KeyboardInterrupt):
     killed and its partial output removed on the way out, instead of living on as an orphan."""
 
 
+def _exit_at_once(signum: int, frame: FrameType | None) -> None:
+    # Not SIG_DFL: as the image's entrypoint the job is PID 1, for which the kernel ignores it.
+    os._exit(EXIT_TERMINATED)
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    signal.signal(signal.SIGTERM, _exit_at_once)  # a second SIGTERM ends the process at once
     raise Terminated
 
 
@@ -99,12 +104,14 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mmproj", dest="mmproj", action="store_false",
                         help="publish the text model only, without the vision tower's mmproj file")
     parser.add_argument("--calibration", type=Path, help="calibration text for --imatrix compute")
-    parser.add_argument("--imatrix-chunks", type=int, default=64)
-    parser.add_argument("--imatrix-context", type=int, default=512)
+    parser.add_argument("--imatrix-chunks", type=int,
+                        help="--imatrix compute: at most N chunks of the text (default: all it holds)")
+    parser.add_argument("--imatrix-context", type=int, default=512,
+                        help="--imatrix compute: tokens per chunk (default: 512)")
     parser.add_argument("--eval", dest="evaluate", action="store_true",
                         help="measure KL divergence vs BF16 for every level and the standard quant (card + result)")
     add_eval_arguments(parser)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=int, help="CPU threads of the llama.cpp tools (default: theirs)")
     parser.add_argument("--disk-reserve-gb", type=float, default=1.0,
                         help="disk space to leave free after the job (default: 1)")
     upload = parser.add_mutually_exclusive_group()
@@ -141,8 +148,10 @@ def _eval_options_without_eval(args: argparse.Namespace) -> list[str]:
 
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
-    if args.imatrix_chunks < 1 or args.imatrix_context < 32:
+    if (args.imatrix_chunks is not None and args.imatrix_chunks < 1) or args.imatrix_context < 32:
         raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, not {args.threads}")
     if not args.evaluate and (stray := _eval_options_without_eval(args)):
         raise InputError(f"{', '.join(stray)} only apply with --eval", hint="add --eval, or leave them out")
     return JobOptions(

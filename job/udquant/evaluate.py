@@ -164,17 +164,18 @@ def base_logits_bytes(n_vocab: int, context: int, chunks: int) -> int:
 
 
 def build_base_logits_args(toolchain: Toolchain, model: Path, eval_text: Path, output: Path, *,
-                           chunks: int, context: int) -> list[str]:
+                           chunks: int, context: int, threads: int | None = None) -> list[str]:
     args = [str(toolchain.tool(TOOL)), "-m", str(model), "-f", str(eval_text), "-c", str(context),
             "--chunks", str(chunks), "--kl-divergence-base", str(output)]
-    return args
+    return args + (["-t", str(threads)] if threads else [])
 
 
-def build_kld_args(toolchain: Toolchain, quant: Path, base_logits: Path, *, context: int) -> list[str]:
+def build_kld_args(toolchain: Toolchain, quant: Path, base_logits: Path, *, context: int,
+                   threads: int | None = None) -> list[str]:
     # No -f: the tokens are read from the base-logits file, so both runs see the same text.
     args = [str(toolchain.tool(TOOL)), "-m", str(quant), "--kl-divergence-base", str(base_logits),
             "--kl-divergence", "-c", str(context)]
-    return args
+    return args + (["-t", str(threads)] if threads else [])
 
 
 def read_model_facts(gguf: Path) -> ModelFacts:
@@ -299,7 +300,7 @@ def _sha256(path: Path) -> str:
 
 def compute_logits_base(toolchain: Toolchain, bf16_gguf: Path, eval_text: Path, output: Path, *,
                         chunks: int = DEFAULT_EVAL_CHUNKS, context: int = DEFAULT_EVAL_CONTEXT,
-                        log_path: Path, progress: StageProgress | None = None) -> Path:
+                        log_path: Path, threads: int | None = None, progress: StageProgress | None = None) -> Path:
     """Save the BF16 model's log-probabilities on eval_text to output (with a sidecar describing it).
 
     The file appears only when complete and checked; a text too short for one chunk is an
@@ -313,7 +314,8 @@ def compute_logits_base(toolchain: Toolchain, bf16_gguf: Path, eval_text: Path, 
         raise InputError(f"eval text not found: {eval_text}")
     facts = read_model_facts(bf16_gguf)
     with atomic_output(output) as partial:
-        args = build_base_logits_args(toolchain, bf16_gguf, eval_text, partial, chunks=chunks, context=context)
+        args = build_base_logits_args(toolchain, bf16_gguf, eval_text, partial, chunks=chunks, context=context,
+                                      threads=threads)
         run_tool(args, stage=STAGE, log_path=log_path, progress=progress)
         warn_if_gpu_unused(toolchain, log_path, "llama-perplexity")
         base = _check_written_base(partial, log_path, eval_text, context)
@@ -352,11 +354,11 @@ def summary_lost(text: str) -> bool:
 
 
 def measure_quant(toolchain: Toolchain, quant_gguf: Path, base_logits: Path, *, log_path: Path,
-                  progress: StageProgress | None = None) -> EvalResult:
+                  threads: int | None = None, progress: StageProgress | None = None) -> EvalResult:
     """KL divergence and top-token agreement of quant_gguf against the base logits."""
     base = read_base_logits(base_logits)
     check_base_fits(base, quant_gguf, read_model_facts(quant_gguf))
-    args = build_kld_args(toolchain, quant_gguf, base_logits, context=base.context)
+    args = build_kld_args(toolchain, quant_gguf, base_logits, context=base.context, threads=threads)
     for attempt in range(1, LOST_SUMMARY_ATTEMPTS + 1):
         run_tool(args, stage=STAGE, log_path=log_path, progress=progress)
         text = log_path.read_text(errors="replace")

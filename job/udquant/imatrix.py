@@ -3,6 +3,7 @@ and check that one fits the model before it is used."""
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import struct
@@ -15,6 +16,8 @@ from udquant.progress import StageProgress
 from udquant.runner import run_tool
 from udquant.toolchain import PINNED_TAG, Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,38 +36,55 @@ class Imatrix:
 @dataclass(frozen=True)
 class ImatrixSettings:
     calibration: Path
-    chunks: int = 64
+    chunks: int | None = None  # at most this many chunks of the text; None: all it holds
     context: int = 512
 
 
 CALIBRATION_NAME = "udquant-calibration.txt"
 # llama-quantize refuses a GGUF imatrix without any of these (common/imatrix-loader.cpp).
 GGUF_IMATRIX_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+# llama-imatrix's --nextn collects one MTP/NextN layer and stops on more ("multi-layer NextN drafts
+# are not supported").
+MAX_NEXTN_LAYERS = 1
 
 
-def build_imatrix_args(toolchain: Toolchain, model: Path, calibration: Path,
-                       settings: ImatrixSettings, output: Path) -> list[str]:
+def build_imatrix_args(toolchain: Toolchain, model: Path, calibration: Path, settings: ImatrixSettings,
+                       output: Path, *, nextn_layers: int = 0, threads: int | None = None) -> list[str]:
     args = [str(toolchain.tool("llama-imatrix")), "-m", str(model), "-f", str(calibration),
-            "-o", str(output), "--output-format", "gguf", "-c", str(settings.context),
-            "--chunks", str(settings.chunks), "--no-ppl"]
+            "-o", str(output), "--output-format", "gguf", "-c", str(settings.context), "--no-ppl"]
+    if settings.chunks is not None:
+        args += ["--chunks", str(settings.chunks)]
+    if nextn_layers == MAX_NEXTN_LAYERS:
+        # MTP/NextN layers join the graph only with --nextn (else llama-quantize quantizes them with no
+        # data), which takes one sequence per batch (imatrix.cpp: batch size at most the context).
+        args += ["--nextn", "-b", str(settings.context)]
+    if threads:
+        args += ["-t", str(threads)]
     return args
 
 
-def compute_imatrix(toolchain: Toolchain, model: Path, settings: ImatrixSettings, output: Path,
-                    *, log_path: Path, progress: StageProgress | None = None) -> Path:
+def compute_imatrix(toolchain: Toolchain, model: Path, settings: ImatrixSettings, output: Path, *,
+                    log_path: Path, nextn_layers: int = 0, threads: int | None = None,
+                    progress: StageProgress | None = None) -> Path:
     """Run llama-imatrix on the calibration text; write output atomically.
 
     It runs inside output's folder with relative names: llama-imatrix records the text's
     path in the file (imatrix.datasets), and a local path has no place in a published model.
     """
     workdir = output.parent
+    if nextn_layers > MAX_NEXTN_LAYERS:
+        logger.warning("the model's %d MTP layers get no imatrix data: llama-imatrix collects %d at most",
+                       nextn_layers, MAX_NEXTN_LAYERS)
     shutil.copyfile(settings.calibration, workdir / CALIBRATION_NAME)
     with atomic_output(output) as partial:
         args = build_imatrix_args(toolchain, model.resolve(), Path(CALIBRATION_NAME), settings,
-                                  Path(partial.name))
+                                  Path(partial.name), nextn_layers=nextn_layers, threads=threads)
         run_tool(args, stage="imatrix", log_path=log_path, cwd=workdir, progress=progress)
         warn_if_gpu_unused(toolchain, log_path, "llama-imatrix")
-        read_imatrix(partial)  # a file that does not parse must not be marked done
+        made = read_imatrix(partial)  # a file that does not parse must not be marked done
+    if settings.chunks is not None and made.chunk_count is not None and made.chunk_count < settings.chunks:
+        logger.warning("the calibration text holds %d chunks of %d tokens, not the %d asked for: the imatrix "
+                       "saw them all", made.chunk_count, settings.context, settings.chunks)
     return output
 
 

@@ -43,6 +43,7 @@ from udquant.recipe import (
     check_fallbacks,
     find_recipe,
     load_recipe_ref,
+    main_layer_count,
     plan_quantization,
     type_bits,
 )
@@ -70,7 +71,7 @@ class JobOptions:
     no_mtp: bool | None = None  # None: decide from config and weights
     mmproj: bool = True  # export a vision tower, when the model has one, as an mmproj file
     calibration: Path | None = None
-    imatrix_chunks: int = 64
+    imatrix_chunks: int | None = None  # None: all the calibration text holds
     imatrix_context: int = 512
     threads: int | None = None
     disk_reserve: int = 1_000_000_000
@@ -189,13 +190,16 @@ def _prepare_imatrix(options: JobOptions, model: ModelInfo, toolchain: Toolchain
     calibration = options.calibration or data_file("calibration.txt")
     calibration_sha = sha256_file(calibration)
     settings = ImatrixSettings(calibration, options.imatrix_chunks, options.imatrix_context)
+    _, nextn_layers = main_layer_count(bf16_header.metadata)
     stage = open_stage(options.work_dir, "imatrix", {
         "bf16": convert_key, "calibration": calibration_sha, "chunks": settings.chunks,
-        "context": settings.context, "llama_cpp": toolchain.tree_sha256, "backend": toolchain.backend})
+        "context": settings.context, "nextn": nextn_layers, "llama_cpp": toolchain.tree_sha256,
+        "backend": toolchain.backend})
 
     def work(output: Path) -> Path:
         with stage_progress("imatrix") as progress:
-            return compute_imatrix(toolchain, bf16, settings, output, log_path=stage.log(), progress=progress)
+            return compute_imatrix(toolchain, bf16, settings, output, log_path=stage.log(),
+                                   nextn_layers=nextn_layers, threads=options.threads, progress=progress)
 
     path = _run_stage(timings, stage, work, "imatrix.gguf")
     imatrix = read_imatrix(path)

@@ -103,7 +103,7 @@ def require_plotting() -> None:
 
 
 def base_logits_stage(toolchain: Toolchain, bf16: Path, bf16_key: str, settings: EvalSettings,
-                      work_dir: Path, *, disk_reserve: int = 0) -> tuple[StageDir, Path]:
+                      work_dir: Path, *, disk_reserve: int = 0, threads: int | None = None) -> tuple[StageDir, Path]:
     """The BF16 model's log-probabilities on the eval text, computed once and reused."""
     settings.check()
     text = settings.text_path
@@ -117,13 +117,13 @@ def base_logits_stage(toolchain: Toolchain, bf16: Path, bf16_key: str, settings:
     check_disk_space(stage.path, eval_disk_bytes(settings, n_vocab), reserve=disk_reserve)
     start = time.monotonic()
     output = compute_logits_base(toolchain, bf16, text, stage.path / BASE_LOGITS_NAME, chunks=settings.chunks,
-                                 context=settings.context, log_path=stage.log())
+                                 context=settings.context, log_path=stage.log(), threads=threads)
     stage.mark_done(output, time.monotonic() - start)
     return stage, output
 
 
 def measure_cached(toolchain: Toolchain, stage: StageDir, base_logits: Path, quant: Path, *,
-                   log_name: str) -> EvalResult:
+                   log_name: str, threads: int | None = None) -> EvalResult:
     """measure_quant, remembered in the base-logits stage under the quant file's identity."""
     key = input_key({"quant": file_identity(quant), "base": stage.key})
     cached = stage.path / f"kld-{key}.json"
@@ -132,7 +132,7 @@ def measure_cached(toolchain: Toolchain, stage: StageDir, base_logits: Path, qua
             return EvalResult(**json.loads(cached.read_text()))
         except (ValueError, TypeError):
             cached.unlink()  # an older format or a damaged file: measure again
-    result = measure_quant(toolchain, quant, base_logits, log_path=stage.log(log_name))
+    result = measure_quant(toolchain, quant, base_logits, log_path=stage.log(log_name), threads=threads)
     write_text_atomic(cached, json.dumps(result.describe(), indent=2) + "\n")
     return result
 
@@ -143,10 +143,11 @@ def evaluate_levels(toolchain: Toolchain, bf16: Path, bf16_key: str, levels: Seq
     """KLD of every level, and of llama.cpp's standard quant of the same base type with the same
     imatrix, against the BF16 model."""
     stage, base_logits = base_logits_stage(toolchain, bf16, bf16_key, settings, work_dir,
-                                           disk_reserve=disk_reserve)
+                                           disk_reserve=disk_reserve, threads=threads)
     rows = []
     for level in levels:
-        result = measure_cached(toolchain, stage, base_logits, level.source, log_name=f"kld-{level.level}")
+        result = measure_cached(toolchain, stage, base_logits, level.source, log_name=f"kld-{level.level}",
+                                threads=threads)
         rows.append(QuantEval(level.level, level.source.stat().st_size, level.verification.bits_per_weight, result,
                               group="UD recipe"))
     # Keyed by the imatrix too: another --imatrix must not reuse a stale reference.
@@ -158,7 +159,8 @@ def evaluate_levels(toolchain: Toolchain, bf16: Path, bf16_key: str, levels: Seq
             check_disk_space(stage.path, like, reserve=disk_reserve)
             quantize_reference(toolchain, bf16, base_type, reference, imatrix=imatrix.path if imatrix else None,
                                log_path=stage.log(f"standard-{base_type}"), threads=threads)
-        result = measure_cached(toolchain, stage, base_logits, reference, log_name=f"kld-{base_type}")
+        result = measure_cached(toolchain, stage, base_logits, reference, log_name=f"kld-{base_type}",
+                                threads=threads)
         rows.append(QuantEval(f"{base_type} (standard)", reference.stat().st_size, bits_per_weight(reference),
                               result, group="standard"))
     return rows

@@ -210,6 +210,31 @@ def save_model(folder: Path, num_layers: int, tie_embeddings: bool, seed: int, v
     model.save_pretrained(folder, safe_serialization=True)
 
 
+def add_mtp_weights(folder: Path, seed: int) -> None:
+    """Add one MTP block as Qwen3.5 checkpoints hold it (mtp.*: a full-attention layer, the fc joining
+    embedding and hidden state, three norms), shaped like the model's last full-attention layer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    attention = max((name for name in weights if name.endswith(".self_attn.q_proj.weight")),
+                    key=lambda name: int(name.split(".layers.")[1].split(".")[0]))
+    prefix = attention.removesuffix("self_attn.q_proj.weight")
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def like(shape: torch.Size) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    hidden = weights[prefix + "input_layernorm.weight"].shape
+    for name in [n for n in weights if n.startswith(prefix)]:
+        weights["mtp.layers.0." + name.removeprefix(prefix)] = like(weights[name].shape)
+    weights["mtp.fc.weight"] = like(torch.Size([hidden[0], 2 * hidden[0]]))
+    for norm in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+        weights[f"mtp.{norm}.weight"] = like(hidden)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
 def patch_config(path: Path, declare_mtp: bool) -> None:
     # transformers drops full_attention_interval on save; the converter reads it (defaulting to 4).
     config = json.loads(path.read_text())
@@ -221,13 +246,17 @@ def patch_config(path: Path, declare_mtp: bool) -> None:
 
 
 def make_tiny_qwen35(dest: Path, *, num_layers: int = 4, tie_embeddings: bool = True, seed: int = 0,
-                     declare_mtp: bool = True, vision: bool = False, cache_dir: Path | None = None) -> Path:
+                     declare_mtp: bool = True, mtp_weights: bool = False, vision: bool = False,
+                     cache_dir: Path | None = None) -> Path:
     """Write a tiny Qwen3_5ForCausalLM (bf16 safetensors, config, real tokenizer) into dest; with vision,
-    a Qwen3_5ForConditionalGeneration with a small vision tower."""
+    a Qwen3_5ForConditionalGeneration with a small vision tower. The config declares one MTP layer; its
+    weights are there only with mtp_weights (a distill often drops them)."""
     tokenizer_dir = cached_tokenizer(cache_dir or default_cache_dir())
     with atomic_dir(dest) as staging:
         save_model(staging, num_layers, tie_embeddings, seed, vision)
-        patch_config(staging / "config.json", declare_mtp)
+        if mtp_weights:
+            add_mtp_weights(staging, seed)
+        patch_config(staging / "config.json", declare_mtp or mtp_weights)
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir / name, staging / name)
     return dest
@@ -241,10 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-tie", action="store_true", help="keep a separate output (lm_head) matrix")
     parser.add_argument("--no-mtp-declared", action="store_true",
                         help="leave mtp_num_hidden_layers out of config.json")
+    parser.add_argument("--mtp-weights", action="store_true", help="add the declared MTP layer's weights")
     parser.add_argument("--vision", action="store_true", help="a Qwen3_5ForConditionalGeneration with a vision tower")
     args = parser.parse_args(argv)
     print(make_tiny_qwen35(args.dest, num_layers=args.layers, tie_embeddings=not args.no_tie, seed=args.seed,
-                           declare_mtp=not args.no_mtp_declared, vision=args.vision))
+                           declare_mtp=not args.no_mtp_declared, mtp_weights=args.mtp_weights, vision=args.vision))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from tests.e2e.conftest import FAST_IMATRIX, run_cli
 from udquant.errors import ToolError, VerificationError
 from udquant.gguf_header import read_gguf_header
+from udquant.library import data_file
 from udquant.output import sha256_file
 from udquant.publish import split_for_upload
 from udquant.quantize import quantize_model
@@ -178,6 +179,18 @@ def test_truncated_imatrix_is_reported(llama_run, llama, tmp_path):
     proc = run_cli(llama, "--imatrix", broken, "--work-dir", tmp_path / "work", cwd=tmp_path)
     assert proc.returncode == 6, proc.stderr
     assert "truncated" in proc.stderr
+
+
+def test_a_calibration_text_holding_fewer_chunks_than_asked_is_used_whole_and_said(llama_run, llama, tmp_path):
+    root, _ = llama_run
+    text = tmp_path / "calibration.txt"
+    text.write_text(data_file("calibration.txt").read_text()[:8000])
+    proc = run_cli(llama, "--calibration", text, "--imatrix-chunks", "500", "--imatrix-context", "128",
+                   "--work-dir", root / "work", "--out-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads((tmp_path / "out" / "udquant-result.json").read_text())["imatrix"]["chunk_count"]
+    assert 2 <= held < 500
+    assert f"the calibration text holds {held} chunks of 128 tokens, not the 500 asked for" in proc.stderr
 
 
 def test_tool_failure_shows_its_output(llama_run, llama, tmp_path):

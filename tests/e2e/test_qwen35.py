@@ -13,6 +13,7 @@ from tests.e2e.conftest import FAST_IMATRIX, run_cli
 from udquant.convert import check_mmproj_pair, convert_to_gguf, export_mmproj
 from udquant.errors import ToolError
 from udquant.gguf_header import read_gguf_header
+from udquant.imatrix import read_imatrix
 from udquant.library import data_file
 from udquant.tiny_qwen35 import make_tiny_qwen35
 
@@ -47,6 +48,29 @@ def test_qwen35_distill_end_to_end(qwen35, toolchain, tmp_path):
     run = subprocess.run([toolchain.tool("llama-perplexity"), "-m", gguf, "-f", data_file("eval.txt"), "-c", "128",
                           "--chunks", "1"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def qwen35_mtp(tmp_path_factory) -> Path:
+    return make_tiny_qwen35(tmp_path_factory.mktemp("q35-mtp") / "tiny-qwen35-mtp", num_layers=4, mtp_weights=True)
+
+
+def test_mtp_layers_are_kept_and_get_imatrix_data(qwen35_mtp, tmp_path):
+    """A checkpoint with its MTP block: converted with it, and llama-imatrix (with --nextn) collects data
+    for it, so llama-quantize finds importance data for every MTP tensor it quantizes."""
+    work = tmp_path / "work"
+    proc = run_cli(qwen35_mtp, "--work-dir", work, "--out-dir", tmp_path / "out", *FAST_IMATRIX, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "udquant-result.json").read_text())
+    assert result["inputs"]["no_mtp"] is False
+    header = read_gguf_header(tmp_path / "out" / result["levels"][0]["file"])
+    assert (header.metadata["qwen35.block_count"], header.metadata["qwen35.nextn_predict_layers"]) == (5, 1)
+    mtp = {t.name for t in header.tensors if t.name.startswith("blk.4.") and t.type_name != "f32"}
+    assert "blk.4.nextn.eh_proj.weight" in mtp and "blk.4.attn_q.weight" in mtp
+    (imatrix,) = work.glob("imatrix-*/imatrix.gguf")
+    assert mtp <= set(read_imatrix(imatrix).widths)
+    (quantize_log,) = work.glob("quantize-*/quantize.log")
+    assert "did not find weights for blk." not in quantize_log.read_text()
 
 
 @pytest.fixture(scope="module")

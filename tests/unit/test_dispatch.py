@@ -280,6 +280,7 @@ def test_docker_pulls_and_runs_with_all_gpus_cache_volume_and_token_in_env_only(
         {"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
     # The volume the README and quantize.yml mount: the image's HF_HOME and work dir live in it.
     assert create["HostConfig"]["Binds"] == ["udquant-data:/data:rw"]
+    assert create["HostConfig"]["Init"] is True  # as `docker run --init` in the README and quantize.yml
     assert sorted(create["Env"]) == sorted(["UDQUANT_NO_PROGRESS=1", "HF_HUB_DISABLE_TELEMETRY=1",
                                             f"HF_TOKEN={HF_TOKEN}"])
     assert create["Labels"] == {"org.udquant.job": "udquant-job", "org.udquant.version": "0.1.0",

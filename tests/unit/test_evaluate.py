@@ -116,6 +116,7 @@ def test_kld_args_read_tokens_from_the_base_file():
                     "--kl-divergence", "-c", "256"]
     assert "-f" not in args
     assert build_kld_args(GPU, Path("q.gguf"), Path("base.kld"), context=256) == args
+    assert build_kld_args(CPU, Path("q.gguf"), Path("base.kld"), context=256, threads=2) == [*args, "-t", "2"]
 
 
 def test_reference_quantize_args_are_llama_quantize_defaults():

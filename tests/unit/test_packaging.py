@@ -141,10 +141,10 @@ def test_the_build_makes_the_tools_the_job_runs():
 
 def test_dockerfile_builds_llama_cpp_through_the_build_script():
     runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
-    build = [rest for rest in runs if "scripts/build-toolchain.sh" in rest]
+    build = [" ".join(rest.split()) for rest in runs if "scripts/build-toolchain.sh" in rest]
     assert build == ['scripts/build-toolchain.sh --from git --cuda --cuda-arch "$CUDA_ARCHITECTURES" '
-                     "--prefix /opt/llama.cpp"]
-    assert dockerfile_arg_defaults()["CUDA_ARCHITECTURES"] == "80;86;89;90"
+                     '--prefix /opt/llama.cpp --jobs "${BUILD_JOBS:-$(nproc)}"']
+    assert dockerfile_arg_defaults()["CUDA_ARCHITECTURES"] == "80-real;86-real;89-real;90"
     envs = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "ENV")
     assert "UDQUANT_LLAMA_CPP=/opt/llama.cpp" in envs.split()
     stages = [rest for keyword, rest in dockerfile_instructions() if keyword == "FROM"]
@@ -290,7 +290,7 @@ def test_quantize_defaults_reach_the_job(tmp_path):
     assert done.returncode == 0, done.stderr
     docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
     assert image == "ghcr.io/owner/udquant-job:latest"
-    assert {"--rm", "--gpus", "all", "udquant-data:/data"} <= set(docker_options)
+    assert {"--rm", "--init", "--gpus", "all", "udquant-data:/data"} <= set(docker_options)
     assert job_args == ["owner/Distill-7B", "--quant", "UD-Q5_K_XL", "--imatrix", "compute", "--upload"]
     args = parse_job_args(job_args)
     assert (args.source, args.levels, args.imatrix, args.upload) == ("owner/Distill-7B", ["UD-Q5_K_XL"], "compute",

@@ -40,9 +40,19 @@ def test_imatrix_args_leave_offload_to_llama_cpp():
     settings = ImatrixSettings(Path("c.txt"), chunks=8, context=128)
     args = build_imatrix_args(TOOLCHAIN, Path("m.gguf"), Path("c.txt"), settings, Path("o.gguf"))
     assert args == ["/tc/bin/llama-imatrix", "-m", "m.gguf", "-f", "c.txt", "-o", "o.gguf", "--output-format",
-                    "gguf", "-c", "128", "--chunks", "8", "--no-ppl"]
+                    "gguf", "-c", "128", "--no-ppl", "--chunks", "8"]
     gpu = Toolchain(Path("/tc"), "b11434", "abc", "cuda", "git", "d" * 64)
     assert build_imatrix_args(gpu, Path("m.gguf"), Path("c.txt"), settings, Path("o.gguf")) == args
+
+
+def test_imatrix_args_whole_text_mtp_layers_and_threads():
+    whole = ImatrixSettings(Path("c.txt"), context=256)
+    assert "--chunks" not in build_imatrix_args(TOOLCHAIN, Path("m"), Path("c"), whole, Path("o"))
+    # MTP layers are in llama-imatrix's graph only with --nextn, which needs one sequence per batch.
+    args = build_imatrix_args(TOOLCHAIN, Path("m"), Path("c"), whole, Path("o"), nextn_layers=1, threads=3)
+    assert args[-5:] == ["--nextn", "-b", "256", "-t", "3"]
+    several = build_imatrix_args(TOOLCHAIN, Path("m"), Path("c"), whole, Path("o"), nextn_layers=3)
+    assert "--nextn" not in several  # llama-imatrix b11434 stops on more than one NextN layer
 
 
 def test_mmproj_check_args_leave_offload_to_llama_cpp():
@@ -159,6 +169,38 @@ def test_sigterm_stops_the_running_tool_and_removes_its_partial(tmp_path):
             job.wait()
         if converter is not None and _running(converter):
             os.kill(converter, signal.SIGKILL)
+
+
+HANGING_CLEANUP = """
+import time
+from udquant.cli import Terminated, _sigterm_as_interrupt
+with _sigterm_as_interrupt():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except Terminated:
+        print("cleaning up", flush=True)
+        time.sleep(60)  # a cleanup that hangs
+"""
+
+
+def test_a_second_sigterm_ends_the_job_at_once_even_as_pid_1():
+    """In the image the job is PID 1, for which the kernel ignores a signal left to its default action."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--pid", "--fork", "true"], capture_output=True).returncode:
+        pytest.skip("no PID namespace can be made here (unshare)")
+    launcher = subprocess.Popen([unshare, "--pid", "--fork", sys.executable, "-c", HANGING_CLEANUP],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout is not None and launcher.stdout.readline() == "ready\n"
+        (job,) = psutil.Process(launcher.pid).children()  # PID 1 inside its namespace
+        job.send_signal(signal.SIGTERM)
+        assert launcher.stdout.readline() == "cleaning up\n"
+        job.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=10) == 143  # unshare --fork exits with its child's status
+    finally:
+        launcher.kill()
+        launcher.wait()
 
 
 class RecordedProgress:

@@ -99,6 +99,7 @@ class DockerBackend:
             "detach": True,
             "name": f"udquant-{uuid.uuid4().hex[:12]}",
             "device_requests": [gpu_request()],
+            "init": True,  # an init as PID 1 forwards docker stop's SIGTERM and reaps the tools' processes
             "volumes": {DATA_VOLUME: {"bind": DATA_PATH, "mode": "rw"}},
             "environment": {**JOB_ENV, "HF_TOKEN": self._token},
             "labels": {f"{LABEL_PREFIX}.job": "udquant-job", f"{LABEL_PREFIX}.version": __version__,

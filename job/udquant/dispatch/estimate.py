@@ -22,7 +22,7 @@ CONVERT_BPS = 150e6
 UPLOAD_BPS = 100e6
 QUANTIZE_PARAMS_PER_CPU_S = 15e6
 LOAD_BPS = 1e9  # a GGUF read from local disk by llama-perplexity (--eval loads each model once)
-IMATRIX_TOKENS = 64 * 512  # the job's default --imatrix-chunks x --imatrix-context
+IMATRIX_TOKENS = 26 * 512  # the bundled calibration text, all of it (26 chunks of 512 Qwen3.5 tokens)
 GPU_UTILIZATION = 0.35
 CPU_OFFLOAD_SLOWDOWN = 8.0
 # Dense BF16 tensor TFLOPS of one accelerator, by the model name the hardware API reports.
