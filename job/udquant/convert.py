@@ -3,15 +3,19 @@ pinned converter."""
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 from pathlib import Path
 
-from udquant.errors import VerificationError
+from udquant.errors import ToolError, VerificationError
 from udquant.gguf_header import read_gguf_header
 from udquant.progress import StageProgress
-from udquant.runner import run_tool
+from udquant.runner import error_lines, run_tool
 from udquant.toolchain import Toolchain
 from udquant.workdir import atomic_output
+
+logger = logging.getLogger(__name__)
 
 CONVERTER_HINTS = {
     "BPE pre-tokenizer was not recognized": (
@@ -79,17 +83,29 @@ def export_mmproj(toolchain: Toolchain, model_dir: Path, output: Path, *, model_
 
 # llama-mtmd-cli stops with exit 1 when the projector's output width is not the text model's, when
 # the image cannot be encoded, or when the image tokens cannot be decoded by the text model.
+# The failure is deterministic, but its reason is the tool's last line, which the pinned build's logger
+# now and then loses at exit (its background thread is never flushed): run it again to read it.
+REASON_ATTEMPTS = 3
 MMPROJ_PAIR_HINTS = {
     "mismatch between text model": "the vision projector's output width is not the text model's embedding width",
 }
 
 
+def projector_margin_mib(mmproj: Path) -> int:
+    """GPU memory to leave free when llama.cpp fits the text model's layers: llama-mtmd-cli loads the
+    projector there afterwards (mtmd-cli.cpp), which the fitting does not count. llama.cpp's own 1 GiB
+    margin, plus twice the projector's file for its weights and compute buffers."""
+    return 1024 + math.ceil(2 * mmproj.stat().st_size / 2**20)
+
+
 def build_mmproj_check_args(toolchain: Toolchain, text_model: Path, mmproj: Path, image: Path,
-                            threads: int | None = None) -> list[str]:
+                            threads: int | None = None, fit_margin_mib: int | None = None) -> list[str]:
     # chatml: the check is about the projector and the model, not the model's own chat template.
     args = [str(toolchain.tool("llama-mtmd-cli")), "-m", str(text_model), "--mmproj", str(mmproj),
             "--image", str(image), "-p", "Describe the image.", "-n", "1", "--temp", "0", "-c", "4096",
             "--chat-template", "chatml"]
+    if fit_margin_mib is not None:
+        args += ["-fitt", str(fit_margin_mib)]
     if threads:
         args += ["-t", str(threads)]
     return args
@@ -99,5 +115,13 @@ def check_mmproj_pair(toolchain: Toolchain, text_model: Path, mmproj: Path, *, i
                       threads: int | None = None) -> None:
     """Load the mmproj file with a quantized text model in llama-mtmd-cli and run one small image through
     both (encode, decode, one token): what a user's llama.cpp does first with the pair."""
-    run_tool(build_mmproj_check_args(toolchain, text_model, mmproj, image, threads), stage="mmproj-check",
-             log_path=log_path, hint_for=MMPROJ_PAIR_HINTS)
+    args = build_mmproj_check_args(toolchain, text_model, mmproj, image, threads, projector_margin_mib(mmproj))
+    for attempt in range(1, REASON_ATTEMPTS + 1):
+        try:
+            run_tool(args, stage="mmproj-check", log_path=log_path, hint_for=MMPROJ_PAIR_HINTS)
+            return
+        except ToolError as err:
+            if err.returncode < 0 or error_lines(log_path.read_text(errors="replace")) or attempt == REASON_ATTEMPTS:
+                raise
+            logger.warning("llama-mtmd-cli failed and its reason was lost at exit (attempt %d of %d); running it "
+                           "again to read it", attempt, REASON_ATTEMPTS)

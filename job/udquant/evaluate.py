@@ -23,7 +23,7 @@ from typing import Any
 from udquant.errors import InputError, ToolError
 from udquant.gguf_header import SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
-from udquant.runner import run_tool
+from udquant.runner import error_lines, run_tool
 from udquant.toolchain import Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output, write_text_atomic
 
@@ -68,8 +68,6 @@ _STATS = {
 REQUIRED_STATS = ("mean_kld", "kld_p99", "median_kld", "max_kld", "same_top_p", "ppl")
 _COMPUTING = re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)")
 _VOCAB_MISMATCH = re.compile(r"inconsistent vocabulary \((\d+) vs (\d+)\)")
-# Errors come on stderr as "0.00.017.811 E kl_divergence: ..." (timestamp, level, message).
-_ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E (.+)$", re.MULTILINE)
 
 
 class EvalMismatchError(InputError):
@@ -245,10 +243,6 @@ def check_base_fits(base: BaseLogits, quant: Path, facts: ModelFacts) -> None:
                                 "context length (quant)", base.context, facts.context_length)
 
 
-def _error_lines(text: str) -> list[str]:
-    return [match.group(1).strip() for match in _ERROR_LINE.finditer(text)]
-
-
 def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(line for line in text.splitlines()[-lines:] if line.strip())
 
@@ -263,7 +257,7 @@ def parse_kld_output(text: str, *, log_path: Path | None = None) -> EvalResult:
     if mismatch := _VOCAB_MISMATCH.search(text):
         raise EvalMismatchError("(as llama-perplexity read them)", "the quant", "the vocabulary size",
                                 int(mismatch.group(1)), int(mismatch.group(2)))
-    errors = "\n".join(_error_lines(text)) or _tail(text)
+    errors = "\n".join(error_lines(text)) or _tail(text)
     computing = _COMPUTING.search(text)
     if computing is None:
         raise EvalOutputError("did not start the comparison", errors, log_path)
@@ -331,7 +325,7 @@ def _check_written_base(partial: Path, log_path: Path, eval_text: Path, context:
         return read_base_logits(partial)
     except InputError:
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        errors = _error_lines(text)
+        errors = error_lines(text)
         if any("you need at least" in line for line in errors):
             raise InputError(f"{eval_text.name} is too short for one eval chunk of {context} tokens: "
                              + " ".join(errors), hint="use a longer eval text or a smaller context") from None
@@ -347,7 +341,7 @@ def summary_lost(text: str) -> bool:
     summary's last line. The run is deterministic: repeat it.
     """
     computing = _COMPUTING.search(text)
-    if computing is None or _error_lines(text) or _STATS["same_top_p"].search(text):
+    if computing is None or error_lines(text) or _STATS["same_top_p"].search(text):
         return False
     chunks, context = int(computing.group(1)), int(computing.group(2))
     return chunks * (context - 1 - context // 2) >= MIN_COMPARED_TOKENS

@@ -24,6 +24,13 @@ FOLLOW_INTERVAL_S = 0.1
 # "Writing: 45%|" (the converter's tqdm bar).
 _STEP = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 _PERCENT = re.compile(r"(\d{1,3})%\|")
+# llama.cpp logs errors as "0.00.017.811 E kl_divergence: ..." (timestamp, level, message).
+_ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E (.+)$", re.MULTILINE)
+
+
+def error_lines(text: str) -> list[str]:
+    """The messages of a llama.cpp tool's error-level log lines."""
+    return [match.group(1).strip() for match in _ERROR_LINE.finditer(text)]
 
 
 def _report(line: str, progress: StageProgress | None) -> None:

@@ -15,7 +15,7 @@ import pytest
 from tests.fakes.hub_models import safetensors_header_only
 from tests.layouts import header_of, llama_layout
 from udquant import toolchain as toolchain_module
-from udquant.convert import build_convert_args, build_mmproj_check_args
+from udquant.convert import build_convert_args, build_mmproj_check_args, check_mmproj_pair, projector_margin_mib
 from udquant.errors import DiskSpaceError, ToolchainError, ToolError
 from udquant.fetch import check_disk_space
 from udquant.imatrix import ImatrixSettings, build_imatrix_args
@@ -56,11 +56,50 @@ def test_imatrix_args_whole_text_mtp_layers_and_threads():
 
 
 def test_mmproj_check_args_leave_offload_to_llama_cpp():
-    args = build_mmproj_check_args(TOOLCHAIN, Path("q.gguf"), Path("mmproj.gguf"), Path("i.png"), threads=2)
+    args = build_mmproj_check_args(TOOLCHAIN, Path("q.gguf"), Path("mmproj.gguf"), Path("i.png"), threads=2,
+                                   fit_margin_mib=3000)
     assert args[:7] == ["/tc/bin/llama-mtmd-cli", "-m", "q.gguf", "--mmproj", "mmproj.gguf", "--image", "i.png"]
-    assert args[-2:] == ["-t", "2"] and "-ngl" not in args
+    assert args[-4:] == ["-fitt", "3000", "-t", "2"] and "-ngl" not in args
     gpu = Toolchain(Path("/tc"), "b11434", "abc", "cuda", "git", "d" * 64)
-    assert build_mmproj_check_args(gpu, Path("q.gguf"), Path("mmproj.gguf"), Path("i.png"), threads=2) == args
+    assert build_mmproj_check_args(gpu, Path("q.gguf"), Path("mmproj.gguf"), Path("i.png"), threads=2,
+                                   fit_margin_mib=3000) == args
+
+
+# Fails like llama-mtmd-cli on a projector of another width; its reason reaches the log only from the
+# given attempt on, as when the pinned build's logger loses its last lines at exit.
+LOSSY_MTMD = """#!/bin/sh
+count=$(cat "$0.count" 2>/dev/null || echo 0); count=$((count + 1)); echo $count > "$0.count"
+echo "0.00.119.585 W load_hparams: Qwen-VL models require at minimum 1024 image tokens"
+if [ $count -ge {shows_from} ]; then
+  echo "0.00.268.626 E mtmd_init_from_file: error: mismatch between text model (n_embd = 320) and mmproj (n_embd = 256)"
+fi
+exit 1
+"""
+
+
+@pytest.mark.parametrize(("shows_from", "runs", "hint"), [
+    (2, 2, "the vision projector's output width is not the text model's embedding width"),
+    (9, 3, None),  # never shown: three runs, then the failure as it is
+])
+def test_a_failed_mmproj_check_whose_reason_was_lost_runs_again(tmp_path, caplog, shows_from, runs, hint):
+    tool = tmp_path / "bin" / "llama-mtmd-cli"
+    tool.parent.mkdir()
+    tool.write_text(LOSSY_MTMD.format(shows_from=shows_from))
+    tool.chmod(0o755)
+    mmproj = tmp_path / "mmproj.gguf"
+    mmproj.write_bytes(b"\0" * 1024)
+    with pytest.raises(ToolError) as caught:
+        check_mmproj_pair(Toolchain(tmp_path, "b11434", "abc", "cpu", "pypi", "d" * 64), tmp_path / "q.gguf",
+                          mmproj, image=tmp_path / "i.png", log_path=tmp_path / "check.log")
+    assert caught.value.hint == hint and caught.value.returncode == 1
+    assert (tmp_path / "bin" / "llama-mtmd-cli.count").read_text().strip() == str(runs)
+    assert caplog.text.count("its reason was lost at exit") == runs - 1
+
+
+def test_the_projector_gets_room_beside_the_fitted_text_model(tmp_path):
+    mmproj = tmp_path / "mmproj.gguf"
+    mmproj.write_bytes(b"\0" * (900 * 2**20 // 1000))  # 0.9 MiB
+    assert projector_margin_mib(mmproj) == 1024 + 2
 
 
 def test_quantize_args():
