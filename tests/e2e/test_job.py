@@ -243,9 +243,14 @@ def test_bad_source(source, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_bad_imatrix_option(llama, tmp_path):
-    proc = run_cli(llama, "--imatrix", "sometimes", cwd=tmp_path)
-    assert proc.returncode == 2 and "--imatrix must be auto, none, compute or an existing file" in proc.stderr
+@pytest.mark.parametrize(("option", "message"), [
+    (["--imatrix", "sometimes"], "--imatrix must be auto, none, compute or an existing file"),
+    (["--imatrix-chunks", "0"], "--imatrix-chunks must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1, not 0"),
+])
+def test_bad_option_values(llama, tmp_path, option, message):
+    proc = run_cli(llama, *option, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_udquant_job_subcommand_is_the_same(llama_run, llama, tmp_path):
