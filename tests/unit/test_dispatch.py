@@ -592,7 +592,8 @@ def test_wait_timeout_leaves_the_job_running() -> None:
 
 
 @pytest.mark.parametrize(("given", "accepted"), [("8h", True), ("90m", True), ("1.5d", True), ("3600", True),
-                                                ("8H", False), ("8 h", False), ("0h", False), ("-1", False)])
+                                                ("8H", False), ("8 h", False), ("0h", False), ("-1", False),
+                                                ("1.5", False)])
 def test_hf_jobs_timeout_is_checked_before_anything_starts(given: str, accepted: bool,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["dispatch", "--backend", "hf-jobs", "a/b", "--timeout", given]

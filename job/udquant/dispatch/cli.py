@@ -95,8 +95,9 @@ def _minutes(text: str) -> float:
 
 
 def _job_timeout(text: str) -> str:
-    """An HF Jobs time limit as huggingface_hub reads it: seconds, or a number with s, m, h or d."""
-    if not re.fullmatch(r"\d+(\.\d+)?[smhd]?", text) or not float(text.rstrip("smhd")) > 0:
+    """An HF Jobs time limit as huggingface_hub reads it: whole seconds (it applies int()), or a number
+    with s, m, h or d."""
+    if not re.fullmatch(r"\d+|\d+(\.\d+)?[smhd]", text) or not float(text.rstrip("smhd")) > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a time limit such as 8h, 90m or 3600")
     return text
 
