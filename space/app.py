@@ -126,6 +126,15 @@ def describe_status(handle: JobHandle, status: JobStatus) -> str:
     return f"**{status.state}**{detail} ({handle.backend} job `{handle.job_id}`)"
 
 
+def describe_followed(handle: JobHandle) -> str:
+    where = f" — [job page]({handle.url})" if handle.url else ""
+    into = f" (uploading to {handle.output_repo})" if handle.output_repo else ""
+    note = f"Following your {handle.backend} job `{handle.job_id}`{into}, started earlier{where}."
+    if handle.backend == "github":
+        note += " Enter the GitHub token (actions: write) under the GitHub runner target to see its progress."
+    return note
+
+
 def sign_in_too_short(expires_at: float | None, now: float, hours: float = DEFAULT_TIMEOUT_HOURS + 1) -> str | None:
     """Why a job must not start with this OAuth token: it uploads at its end with it, up to `hours` from now."""
     if expires_at is None or expires_at - now >= hours * 3600:
@@ -164,6 +173,19 @@ class SpaceSession:
                 raise UdquantError(f"cannot reach the Hub ({type(err).__name__})",
                                    hint="try again in a minute") from None
         return self._names[token]
+
+    def running_job(self, user: str, token: str) -> JobHandle | None:
+        """The user's job to follow when a page opens: the one this Space started for them, else their udquant job
+        still running on HF Jobs, started before the Space restarted (it then holds their one-job slot)."""
+        handle = self.registry.active(user)
+        if handle is not None:
+            return handle
+        try:
+            found = HfJobsBackend(token, namespace=user).running_jobs()
+        except DispatchError as err:
+            logger.warning("cannot list the HF Jobs of %s: %s", user, err.message)
+            return None
+        return self.registry.adopt(user, found[0]) if found else None
 
     def backend(self, target: str, token: str, flavor: str = "", github_repo: str = "",
                 workflow: str = DEFAULT_WORKFLOW, github_token: str = "") -> Backend:
@@ -236,14 +258,20 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
         handle_state = gr.State(None)
         timer = gr.Timer(config.poll_seconds, active=False)
 
-        def show_identity(oauth_token: gr.OAuthToken | None) -> str:
+        def open_page(oauth_token: gr.OAuthToken | None) -> tuple[str, Any, Any, Any]:
+            """Who is signed in, and their job that still runs (the page was reloaded, or the Space restarted),
+            followed again from here."""
             token = session.token(oauth_token)
             if token is None:
-                return "Not signed in: sign in with Hugging Face to start jobs."
+                return "Not signed in: sign in with Hugging Face to start jobs.", gr.skip(), gr.skip(), gr.skip()
             try:
-                return f"Signed in as **{session.user(token)}**."
+                user = session.user(token)
             except UdquantError as err:
-                return problem(err)
+                return problem(err), gr.skip(), gr.skip(), gr.skip()
+            handle = session.running_job(user, token)
+            if handle is None:
+                return f"Signed in as **{user}**.", gr.skip(), gr.skip(), gr.skip()
+            return f"Signed in as **{user}**.", describe_followed(handle), handle, gr.Timer(active=True)
 
         def check_repo(text: str) -> str:
             if not text.strip():
@@ -348,7 +376,7 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                 return problem(err)
             return f"Cancel requested for `{handle.job_id}`."
 
-        demo.load(show_identity, inputs=None, outputs=identity)
+        demo.load(open_page, inputs=None, outputs=[identity, job_info, handle_state, timer])
         # always_last: while one check runs, only the newest keystroke is checked next.
         repo.input(check_repo, inputs=repo, outputs=repo_check, show_progress="hidden", trigger_mode="always_last")
         inspect_button.click(run_inspect, inputs=[repo, chosen_levels, imatrix, evaluate],

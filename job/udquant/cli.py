@@ -99,7 +99,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     mtp = parser.add_mutually_exclusive_group()
     mtp.add_argument("--no-mtp", dest="no_mtp", action="store_const", const=True,
-                     help="drop MTP layers (default: only when the config declares layers the weights lack)")
+                     help="drop MTP layers (default: only when the weights hold none, whatever the config declares)")
     mtp.add_argument("--mtp", dest="no_mtp", action="store_const", const=False, help="keep MTP layers")
     parser.add_argument("--no-mmproj", dest="mmproj", action="store_false",
                         help="publish the text model only, without the vision tower's mmproj file")
@@ -265,7 +265,7 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     evaluate = commands.add_parser(
         "eval", help="KL divergence of GGUF files of one model against its BF16 GGUF",
         description="Measure any GGUF quants of one model (udquant's, Unsloth's, standard ones) against its "
-                    "BF16 GGUF with llama-perplexity, on the same text: mean/99%% KLD, same top token, PPL ratio.")
+                    "BF16 GGUF with llama-perplexity, on the same text: mean/99% KLD, same top token, PPL ratio.")
     evaluate.add_argument("base", type=Path, help="the model's BF16 (or F16/F32) GGUF")
     evaluate.add_argument("quants", type=Path, nargs="+", help="GGUF files to measure")
     add_eval_arguments(evaluate)
@@ -405,9 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_job_arguments(job)
     job.set_defaults(func=_job)
     demo = commands.add_parser("demo", help="run the job offline on a bundled tiny model")
-    demo.add_argument("--out-dir", type=Path)
+    demo.add_argument("--out-dir", type=Path, help="where the GGUF goes (default: ./udquant-out/<name>)")
     demo.add_argument("--eval", dest="evaluate", action="store_true", help="also measure KL divergence vs BF16")
-    demo.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "udquant-demo")
+    demo.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "udquant-demo",
+                      help="intermediate files, reused on rerun (default: %(default)s)")
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_demo)
     _add_recipe_commands(commands)

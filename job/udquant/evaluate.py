@@ -313,6 +313,9 @@ def compute_logits_base(toolchain: Toolchain, bf16_gguf: Path, eval_text: Path, 
         run_tool(args, stage=STAGE, log_path=log_path, progress=progress)
         warn_if_gpu_unused(toolchain, log_path, "llama-perplexity")
         base = _check_written_base(partial, log_path, eval_text, context)
+        if base.chunks < chunks:
+            logger.info("%s holds %d chunks of %d tokens, fewer than the %d asked for: measuring on those",
+                        eval_text.name, base.chunks, context, chunks)
         sidecar = {"format": SIDECAR_FORMAT, "model": bf16_gguf.name, "architecture": facts.architecture,
                    "n_vocab": base.n_vocab, "context_length": facts.context_length, "context": base.context,
                    "chunks": base.chunks, "eval_text": eval_text.name, "eval_text_sha256": _sha256(eval_text)}

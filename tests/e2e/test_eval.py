@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from tests.e2e.conftest import run_cli
 from udquant.convert import convert_to_gguf
 from udquant.errors import InputError
 from udquant.evaluate import (
+    MAX_EVAL_CHUNKS,
     EvalMismatchError,
     EvalOutputError,
     build_kld_args,
@@ -155,6 +157,16 @@ def test_eval_text_too_short_is_an_error_and_leaves_nothing(measured, toolchain,
     if isinstance(err.value, InputError) and not isinstance(err.value, EvalOutputError):
         assert "short.txt is too short for one eval chunk of 256 tokens" in str(err.value)
     assert not list(tmp_path.glob("base.kld*"))
+
+
+def test_an_eval_text_holding_fewer_chunks_is_measured_whole_and_said(measured, toolchain, tmp_path, caplog):
+    _, bf16, _, _ = measured
+    caplog.set_level(logging.INFO, logger="udquant.evaluate")
+    base = compute_logits_base(toolchain, bf16, data_file("eval.txt"), tmp_path / "base.kld",
+                               chunks=MAX_EVAL_CHUNKS, context=512, log_path=tmp_path / "base.log")
+    held = read_base_logits(base).chunks
+    assert 1 < held < MAX_EVAL_CHUNKS
+    assert f"eval.txt holds {held} chunks of 512 tokens, fewer than the {MAX_EVAL_CHUNKS} asked for" in caplog.text
 
 
 def test_eval_command_measures_files_and_reuses_what_it_measured(measured, tmp_path):

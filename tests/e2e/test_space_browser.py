@@ -244,6 +244,33 @@ def test_one_running_job_per_user_and_cancel(space: dict[str, Any], page: Any) -
     _shot(page, "07-canceled")
 
 
+def test_a_job_started_before_the_page_opened_is_followed(space: dict[str, Any], page: Any) -> None:
+    """The page was reloaded, or the Space restarted, while the user's job ran: the page follows it again, and it
+    still holds the user's one-job slot."""
+    from playwright.sync_api import expect
+
+    from udquant.dispatch.base import make_request
+    from udquant.dispatch.hf_jobs import HfJobsBackend
+
+    jobs: HubJobs = space["jobs"]
+    jobs.progression = ["SCHEDULING"] + ["RUNNING"] * 10_000
+    earlier = HfJobsBackend(TEST_TOKEN, endpoint=jobs.server.url).start(make_request(REPO, "alice"))
+    following = f"Following your hf-jobs job {earlier.job_id} (uploading to alice/Distill-8B-UD-GGUF), started earlier"
+    _fill_and_inspect(page, space["url"])
+    expect(page.locator("#job-info")).to_contain_text(following, timeout=30_000)
+    expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
+    _shot(page, "11-followed-after-restart")
+    page.locator("#confirm").get_by_role("checkbox").check()
+    page.locator("#submit").click()
+    expect(page.locator("#job-info")).to_contain_text(f"job {earlier.job_id} (hf-jobs) is still running",
+                                                      timeout=30_000)
+    page.reload()
+    expect(page.locator("#job-info")).to_contain_text(following, timeout=30_000)
+    page.locator("#cancel").click()
+    expect(page.locator("#job-status")).to_contain_text("canceled", timeout=30_000)
+    assert len(jobs.created) == 1
+
+
 def test_dispatch_to_a_self_hosted_github_runner(space: dict[str, Any], page: Any) -> None:
     from playwright.sync_api import expect
 

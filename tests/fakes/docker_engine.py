@@ -131,6 +131,8 @@ class _Handler(JSONHandler):
             with self.state.lock:
                 if container["State"]["Running"]:
                     container["State"] = {"Status": "exited", "Running": False, "ExitCode": 143}
+                    if container["HostConfig"].get("AutoRemove"):
+                        del self.state.containers[container_id]
             return self.send_body(204)
         lines = self.state.output[container_id]
         wanted = {1} if query.get("stdout") in ("1", "True", "true") else set()
@@ -205,3 +207,5 @@ class FakeDockerEngine:
             output += [(2, line) for line in stderr] + [(1, line) for line in stdout]
             self.state.containers[container_id]["State"] = {"Status": "exited", "Running": False,
                                                             "ExitCode": exit_code, "OOMKilled": oom_killed}
+            if self.state.containers[container_id]["HostConfig"].get("AutoRemove"):  # as the engine does
+                del self.state.containers[container_id]

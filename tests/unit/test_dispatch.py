@@ -9,7 +9,10 @@ import argparse
 import json
 import logging
 import socket
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
@@ -185,7 +188,13 @@ def test_hf_jobs_sends_image_command_flavor_and_token_as_secret(jobs: HubJobs, h
 def test_hf_jobs_cancel_and_running_jobs(jobs: HubJobs, request_two_levels: DispatchRequest) -> None:
     backend = HfJobsBackend(HF_TOKEN)
     handle = backend.start(request_two_levels)
-    assert backend.running_jobs() == [handle.job_id]
+    named = make_request("someone/Other-8B", "alice", output_repo="alice/my-quants")
+    time.sleep(0.01)  # the Hub's creation times have millisecond resolution
+    newer = backend.start(named)
+    # What a front end that restarted follows: the same handles, newest first.
+    assert backend.running_jobs() == [newer, handle]
+    assert handle.output_repo == "alice/Distill-8B-UD-GGUF" and newer.output_repo == "alice/my-quants"
+    backend.cancel(newer)
     backend.cancel(handle)
     assert backend.status(handle).state == "canceled"
     assert backend.running_jobs() == []
@@ -461,6 +470,15 @@ def test_one_running_job_per_user() -> None:
     assert registry.active("carol") is None
 
 
+def test_a_job_found_running_elsewhere_holds_the_slot() -> None:
+    registry = JobRegistry()
+    found, other = JobHandle("hf-jobs", "1", "erin", None), JobHandle("hf-jobs", "2", "erin", None)
+    assert registry.adopt("erin", found) == found
+    assert registry.adopt("erin", other) == found  # the slot keeps the job it holds
+    with pytest.raises(QueueLimitError, match="job 1"):
+        registry.submit("erin", lambda h: True, lambda: other)
+
+
 def test_a_previous_job_that_cannot_be_checked() -> None:
     registry = JobRegistry()
     first, second = JobHandle("docker", "c1", "unix://", None), JobHandle("docker", "c2", "unix://", None)
@@ -502,6 +520,41 @@ def test_cli_dispatch_hf_jobs_wait_prints_link_last(jobs: HubJobs, hub: HubServe
     assert HF_TOKEN not in out + err
     (spec,) = jobs.created
     assert spec["flavor"] == "h200" and spec["secrets"] == {"HF_TOKEN": HF_TOKEN}
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_cli_dispatch_docker_leaves_no_container_holding_the_token(
+        wait: bool, jobs: HubJobs, engine: FakeDockerEngine, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Without --wait nobody reads the result and removes the container, so the engine removes it itself."""
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    monkeypatch.chdir(tmp_path)
+    args = _dispatch_parser().parse_args(["dispatch", "--backend", "docker", "someone/Distill-8B", "--poll", "0.05"]
+                                         + (["--wait"] if wait else []))
+    link = "https://huggingface.co/alice/Distill-8B-UD-GGUF"
+
+    finished: list[str] = []
+
+    def finish_when_running() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not finished:
+            running = [cid for cid, c in list(engine.state.containers.items()) if c["State"]["Running"]]
+            if running:
+                engine.finish(running[0], 0, stdout=[link])
+                finished.append(running[0])
+            time.sleep(0.02)
+
+    finisher = threading.Thread(target=finish_when_running)
+    finisher.start()
+    assert args.func(args) == 0
+    finisher.join()
+    create = next(body for _, path, body in engine.state.requests if path.startswith("/containers/create"))
+    assert create is not None and create["HostConfig"].get("AutoRemove", False) is not wait
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == (link if wait else finished[0])
+    assert ("the container removes itself when the job ends" in err) is not wait
+    assert engine.state.containers == {}  # removed by the engine (auto-remove), or once its result was read
+    assert HF_TOKEN not in out + err
 
 
 def test_cli_dispatch_refuses_what_the_job_would_refuse_before_anything_is_billed(

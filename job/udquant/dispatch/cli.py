@@ -68,7 +68,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "docker":
         from udquant.dispatch.docker_backend import DockerBackend
 
-        return DockerBackend(token)
+        return DockerBackend(token, followed=args.wait)
     from udquant.dispatch.hf_jobs import HfJobsBackend
 
     return HfJobsBackend(token, flavor=args.flavor, timeout=args.timeout)
@@ -129,8 +129,15 @@ def _watch(backend: Backend, handle: JobHandle, poll: float, timeout_minutes: fl
         if deadline is not None and time.monotonic() >= deadline:
             raise DispatchError(backend.name, f"job {handle.job_id} has not ended after --wait-timeout "
                                               f"{timeout_minutes:g} min; it goes on running",
-                                hint=handle.url or "cancel it where it runs if it is stuck")
+                                hint=handle.url or _unfollowed_hint(handle))
         time.sleep(poll)
+
+
+def _unfollowed_hint(handle: JobHandle) -> str:
+    if handle.backend == "docker":
+        return (f"`docker logs -f {handle.job_id[:12]}` follows it; remove it with `docker rm` once it has ended "
+                "(the engine stores HF_TOKEN with the container)")
+    return "cancel it where it runs if it is stuck"
 
 
 def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
@@ -158,6 +165,10 @@ def dispatch_command(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if args.wait:
         return follow(backend, handle, args)
+    if handle.backend == "docker":  # started with auto-remove: nobody releases it
+        print(f"follow it with `docker logs -f {handle.job_id[:12]}`; the container removes itself when the job "
+              "ends (the engine stores HF_TOKEN with it), and each stage's log stays in the udquant-data volume",
+              file=sys.stderr)
     print(handle.job_id)
     return 0
 

@@ -5,8 +5,9 @@ secret store: Docker secrets exist only for swarm services, and a file mount wou
 the token on the host's disk. The environment is visible to whoever can already control
 the Docker engine (and thereby the host), and never appears in the command line, the
 labels or our logs. The engine stores it with the container, so no container outlives its
-job: a failed one's log is saved to a file before it is removed, and one that could not
-start is removed at once.
+job: a followed one is removed once its result is read (a failed one's log saved to a file
+first), one nobody follows is started with auto-remove, and one that could not start is
+removed at once.
 """
 
 from __future__ import annotations
@@ -69,12 +70,15 @@ class DockerBackend:
     name = NAME
 
     def __init__(self, token: str, *, client: docker.DockerClient | None = None,
-                 failed_log_dir: Path = FAILED_LOG_DIR) -> None:
+                 failed_log_dir: Path = FAILED_LOG_DIR, followed: bool = True) -> None:
+        """followed=False: nobody will read the result and release the container, so the engine removes it
+        when the job ends (its log goes with it; each stage's log stays in the volume)."""
         if not token:
             raise DispatchError(NAME, "a Hugging Face token is needed to upload the result", hint="set HF_TOKEN")
         self._token = token
         self._client = client or connect()
         self.failed_log_dir = failed_log_dir
+        self.followed = followed
 
     @contextmanager
     def _calls(self, action: str) -> Iterator[None]:
@@ -100,6 +104,7 @@ class DockerBackend:
             "name": f"udquant-{uuid.uuid4().hex[:12]}",
             "device_requests": [gpu_request()],
             "init": True,  # an init as PID 1 forwards docker stop's SIGTERM and reaps the tools' processes
+            "auto_remove": not self.followed,
             "volumes": {DATA_VOLUME: {"bind": DATA_PATH, "mode": "rw"}},
             "environment": {**JOB_ENV, "HF_TOKEN": self._token},
             "labels": {f"{LABEL_PREFIX}.job": "udquant-job", f"{LABEL_PREFIX}.version": __version__,

@@ -15,9 +15,19 @@ from huggingface_hub import HfApi, JobHardwareInfo
 from huggingface_hub.errors import HfHubHTTPError
 
 from udquant import __version__
-from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, State, link_from_logs, redact
+from udquant.dispatch.base import (
+    DispatchError,
+    DispatchRequest,
+    JobHandle,
+    JobStatus,
+    State,
+    link_from_logs,
+    output_repo_for,
+    redact,
+)
 from udquant.dispatch.estimate import JOB_TIME_LIMIT_HOURS, Hardware, parse_amount
-from udquant.dispatch.job_command import build_job_args
+from udquant.dispatch.job_command import JOB_PROGRAM, build_job_args
+from udquant.errors import UdquantError
 from udquant.hub import NO_ANSWER
 
 logger = logging.getLogger(__name__)
@@ -101,16 +111,31 @@ class HfJobsBackend:
     def release(self, handle: JobHandle) -> None:
         """Nothing to free: the service keeps an ended job's record and log itself."""
 
-    def running_jobs(self) -> list[str]:
-        """Ids of this user's udquant jobs that are scheduled or running."""
+    def running_jobs(self) -> list[JobHandle]:
+        """This user's udquant jobs that are scheduled or running, newest first: a front end that restarted, or
+        a page opened again, follows them from here."""
         with self._calls("list_jobs"):
-            jobs = self._api.list_jobs(status=["SCHEDULING", "RUNNING"], labels={"app": "udquant"},
-                                       namespace=self.namespace)
-            return [job.id for job in jobs]
+            jobs = list(self._api.list_jobs(status=["SCHEDULING", "RUNNING"], labels={"app": "udquant"},
+                                            namespace=self.namespace))
+        jobs.sort(key=lambda job: job.created_at.timestamp() if job.created_at else 0.0, reverse=True)
+        return [JobHandle(backend=NAME, job_id=job.id, location=self.namespace,
+                          output_repo=_output_repo(job.command or [], self.namespace), url=job.url) for job in jobs]
 
     def hardware(self) -> list[JobHardwareInfo]:
         with self._calls("list_jobs_hardware"):
             return self._api.list_jobs_hardware()
+
+
+def _output_repo(command: list[str], namespace: str) -> str | None:
+    """The repo a job started by build_job_args uploads to: --output-repo, else the default in its namespace."""
+    if "--output-repo" in command[:-1]:
+        return command[command.index("--output-repo") + 1]
+    if len(command) > 1 and command[0] == JOB_PROGRAM:
+        try:
+            return output_repo_for(command[1], namespace)
+        except UdquantError:
+            return None
+    return None
 
 
 def list_hardware(token: str | None = None, endpoint: str | None = None) -> list[JobHardwareInfo]:

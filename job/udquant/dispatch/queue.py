@@ -50,6 +50,12 @@ class JobRegistry:
             with self._lock:
                 self._submitting.discard(user)
 
+    def adopt(self, user: str, handle: JobHandle) -> JobHandle:
+        """Hold user's slot for a job found running elsewhere (started before a restart); returns the job the
+        slot holds, which is the one already there if any."""
+        with self._lock:
+            return self._active.setdefault(user, handle)
+
     def finish(self, user: str, handle: JobHandle) -> None:
         """Free the user's slot once their job has ended."""
         with self._lock:
