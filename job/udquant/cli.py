@@ -22,13 +22,20 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from udquant import __version__
+from udquant.arguments import finite_number
 from udquant.dispatch.cli import add_dispatch_command
 from udquant.errors import InputError, UdquantError
 from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, MAX_EVAL_CHUNKS
-from udquant.job import DEFAULT_LEVEL, JobOptions, JobResult, run_job
+from udquant.job import DEFAULT_IMATRIX_CONTEXT, DEFAULT_LEVEL, JobOptions, JobResult, run_job
 from udquant.measure import EvalSettings
+from udquant.recipe import check_level_name
+from udquant.resolve import looks_like_path, validate_repo_id
+from udquant.workdir import file_in_the_way
 
 logger = logging.getLogger("udquant")
+
+GIGABYTES = finite_number("a size in GB", at_least=0, scale=1e9)
+POSITIVE_GIGABYTES = finite_number("a size in GB", above=0, scale=1e9)
 
 # Exit codes of errors are set on the error classes (errors.py) and listed in the README.
 EXIT_INTERRUPTED = 130
@@ -84,7 +91,7 @@ def default_work_dir() -> Path:
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Hub repo id (owner/name) or local model directory")
     parser.add_argument("--quant", dest="levels", action="append", metavar="LEVEL",
-                        help=f"level to make, repeatable (default: {DEFAULT_LEVEL})")
+                        help=f"level to make, repeatable (default: --recipe's level, else {DEFAULT_LEVEL})")
     parser.add_argument("--recipe", default="auto", metavar="auto|ID|PATH",
                         help="auto: the library's recipe for the architecture and each --quant level (default); "
                              "or a library id (qwen35/UD-Q5_K_XL) or a recipe file")
@@ -106,13 +113,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, help="calibration text for --imatrix compute")
     parser.add_argument("--imatrix-chunks", type=int,
                         help="--imatrix compute: at most N chunks of the text (default: all it holds)")
-    parser.add_argument("--imatrix-context", type=int, default=512,
-                        help="--imatrix compute: tokens per chunk (default: 512)")
+    parser.add_argument("--imatrix-context", type=int, default=DEFAULT_IMATRIX_CONTEXT,
+                        help=f"--imatrix compute: tokens per chunk (default: {DEFAULT_IMATRIX_CONTEXT})")
     parser.add_argument("--eval", dest="evaluate", action="store_true",
                         help="measure KL divergence vs BF16 for every level and the standard quant (card + result)")
     add_eval_arguments(parser)
     parser.add_argument("--threads", type=int, help="CPU threads of the llama.cpp tools (default: theirs)")
-    parser.add_argument("--disk-reserve-gb", type=float, default=1.0,
+    parser.add_argument("--disk-reserve-gb", type=GIGABYTES, default=1.0,
                         help="disk space to leave free after the job (default: 1)")
     upload = parser.add_mutually_exclusive_group()
     upload.add_argument("--upload", dest="upload", action="store_const", const=True,
@@ -121,7 +128,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep results local")
     parser.add_argument("--output-repo", help="Hub repo for the results (default: <you>/<Name>-UD-GGUF)")
     parser.add_argument("--private", action="store_true", help="create the output repo private")
-    parser.add_argument("--split-size-gb", type=float, default=45.0,
+    parser.add_argument("--split-size-gb", type=POSITIVE_GIGABYTES, default=45.0,
                         help="split GGUF files larger than this before upload (default: 45, under the Hub's 50)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -147,6 +154,42 @@ def _eval_options_without_eval(args: argparse.Namespace) -> list[str]:
     return [name for name, present in given if present]
 
 
+def _imatrix_options_without_computing(args: argparse.Namespace) -> list[str]:
+    given = [("--calibration", args.calibration is not None), ("--imatrix-chunks", args.imatrix_chunks is not None),
+             ("--imatrix-context", args.imatrix_context != DEFAULT_IMATRIX_CONTEXT)]
+    return [name for name, present in given if present]
+
+
+def _levels_given(levels: list[str] | None) -> tuple[str, ...] | None:
+    """The --quant levels, None when not given (--recipe's own level then, else the default)."""
+    if not levels:
+        return None
+    for level in levels:
+        check_level_name(level, "--quant")
+    if twice := sorted({level for level in levels if levels.count(level) > 1}):
+        raise InputError(f"--quant {', '.join(twice)} is given more than once")
+    return tuple(levels)
+
+
+def _check_publishing(args: argparse.Namespace, token: str | None) -> None:
+    local = looks_like_path(args.source)
+    if args.revision is not None and local:
+        raise InputError(f"--revision applies to a Hub repo, not to the local folder {args.source}",
+                         hint="leave out --revision, or check out that revision into the folder")
+    if args.output_repo is not None:
+        validate_repo_id(args.output_repo, "--output-repo")
+    # As run_job decides: a Hub repo uploads by default when a token is set, a local folder only with --upload.
+    uploads = args.upload if args.upload is not None else not local and token is not None
+    if args.private and not uploads:
+        if args.upload is False:
+            hint = "leave out --no-upload or --private"
+        elif local:
+            hint = "add --upload (with HF_TOKEN set), or leave out --private"
+        else:
+            hint = "set HF_TOKEN (a Hub repo is then uploaded by default), or leave out --private"
+        raise InputError("--private only applies with --upload: it makes the output repo private", hint=hint)
+
+
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     if (args.imatrix_chunks is not None and args.imatrix_chunks < 1) or args.imatrix_context < 32:
         raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
@@ -154,8 +197,21 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         raise InputError(f"--threads must be >= 1, not {args.threads}")
     if not args.evaluate and (stray := _eval_options_without_eval(args)):
         raise InputError(f"{', '.join(stray)} only apply with --eval", hint="add --eval, or leave them out")
+    # auto computes one for a local folder (and on a GPU when the Hub has none): the options apply there.
+    if args.imatrix not in ("auto", "compute") and (stray := _imatrix_options_without_computing(args)):
+        raise InputError(f"{', '.join(stray)} only {'applies' if len(stray) == 1 else 'apply'} when the imatrix "
+                         f"is computed, not with --imatrix {args.imatrix}",
+                         hint="use --imatrix compute, or leave them out")
+    if args.calibration is not None:
+        if not args.calibration.is_file():
+            raise InputError(f"--calibration {args.calibration}: no such file")
+        if args.calibration.stat().st_size == 0:
+            raise InputError(f"--calibration {args.calibration}: the file is empty",
+                             hint="give a text of a few thousand tokens or more")
+    token = os.environ.get("HF_TOKEN") or None
+    _check_publishing(args, token)
     return JobOptions(
-        source=args.source, levels=tuple(args.levels or (DEFAULT_LEVEL,)), recipe=args.recipe,
+        source=args.source, levels=_levels_given(args.levels), recipe=args.recipe,
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
         no_mtp=args.no_mtp, mmproj=args.mmproj, calibration=args.calibration, imatrix_chunks=args.imatrix_chunks,
         imatrix_context=args.imatrix_context, threads=args.threads,
@@ -163,7 +219,19 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         upload=args.upload, output_repo=args.output_repo, private=args.private,
         split_bytes=int(args.split_size_gb * 1e9), evaluate=args.evaluate,
         eval_settings=eval_settings_from_args(args) if args.evaluate else EvalSettings(),
-        token=os.environ.get("HF_TOKEN") or None)
+        token=token)
+
+
+def _check_output_file(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder by that name, or a file
+    where a folder above it would have to be."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder, not a file", hint="give a file name")
+    if (blocking := file_in_the_way(path.parent)) is not None:
+        raise InputError(f"{option} {path}: {blocking} is a file, not a folder",
+                         hint="give a path whose folders are folders (or do not exist yet)")
 
 
 def _note(text: str) -> None:
@@ -243,6 +311,8 @@ def _eval(args: argparse.Namespace) -> int:
     from udquant.workdir import write_text_atomic
 
     settings = eval_settings_from_args(args)
+    _check_output_file(args.json, "--json")
+    _check_output_file(args.plot, "--plot")
     if args.plot:
         require_plotting()
     rows = compare_files(find_toolchain(), args.base, args.quants, settings, args.work_dir)
@@ -291,6 +361,7 @@ def _recipe_extract(args: argparse.Namespace) -> int:
     from udquant.extract import dump_recipe, type_counts
     from udquant.recipe_commands import extract
 
+    _check_output_file(args.output, "--output")
     document, layout = extract(args.source, file_glob=args.file, revision=args.revision,
                                token=os.environ.get("HF_TOKEN"), recipe_id=args.id, level=args.level)
     percent = 100 * layout.bytes_fetched / max(layout.bytes_total, 1)

@@ -23,6 +23,7 @@ from typing import Any
 from udquant.errors import InputError, ToolError
 from udquant.gguf_header import SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
+from udquant.recipe import main_layer_count
 from udquant.runner import error_lines, run_tool
 from udquant.toolchain import Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output, write_text_atomic
@@ -106,6 +107,8 @@ class BaseLogits:
     chunks: int
     architecture: str | None = None  # from the sidecar
     context_length: int | None = None  # the base model's trained context, from the sidecar
+    layers: int | None = None  # the base model's layers without MTP/NextN layers, from the sidecar
+    embedding_length: int | None = None  # from the sidecar
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class ModelFacts:
     architecture: str
     n_vocab: int
     context_length: int | None
+    # Without MTP/NextN layers: a quant converted without them computes the same logits.
+    layers: int | None = None
+    embedding_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,7 @@ def build_kld_args(toolchain: Toolchain, quant: Path, base_logits: Path, *, cont
 
 
 def read_model_facts(gguf: Path) -> ModelFacts:
-    """Vocabulary size (the token list llama.cpp counts) and trained context of a GGUF model."""
+    """Vocabulary size (the token list llama.cpp counts), trained context, layers and width of a GGUF model."""
     metadata = read_gguf_header(gguf, check_data=False).metadata
     arch = str(metadata.get("general.architecture", ""))
     tokens = metadata.get("tokenizer.ggml.tokens")
@@ -190,7 +196,10 @@ def read_model_facts(gguf: Path) -> ModelFacts:
     else:
         raise InputError(f"{gguf.name} has no tokenizer: it cannot be evaluated")
     context = metadata.get(f"{arch}.context_length")
-    return ModelFacts(arch, n_vocab, int(context) if context is not None else None)
+    width = metadata.get(f"{arch}.embedding_length")
+    layers = main_layer_count(metadata)[0] if f"{arch}.block_count" in metadata else None
+    return ModelFacts(arch, n_vocab, int(context) if context is not None else None, layers,
+                      int(width) if width is not None else None)
 
 
 def sidecar_path(base_logits: Path) -> Path:
@@ -216,15 +225,15 @@ def read_base_logits(path: Path) -> BaseLogits:
         raise InputError(f"{path.name} is truncated or corrupt: {size} bytes, its header "
                          f"({chunks} chunks of {context}, vocabulary {n_vocab}) needs {expected}",
                          hint="compute it again")
-    architecture, context_length = None, None
+    info: dict[str, Any] = {}
     sidecar = sidecar_path(path)
     if sidecar.is_file():
         info = json.loads(sidecar.read_text())
         if info.get("format") != SIDECAR_FORMAT or info.get("n_vocab") != n_vocab:
             raise InputError(f"{sidecar.name} does not describe {path.name}", hint="compute it again")
-        architecture = info.get("architecture")
-        context_length = info.get("context_length")
-    return BaseLogits(path, context, n_vocab, chunks, architecture, context_length)
+    # Sidecars of earlier versions lack layers and embedding_length: those checks are then skipped.
+    return BaseLogits(path, context, n_vocab, chunks, info.get("architecture"), info.get("context_length"),
+                      info.get("layers"), info.get("embedding_length"))
 
 
 def check_base_fits(base: BaseLogits, quant: Path, facts: ModelFacts) -> None:
@@ -234,6 +243,11 @@ def check_base_fits(base: BaseLogits, quant: Path, facts: ModelFacts) -> None:
     if base.architecture and facts.architecture and base.architecture != facts.architecture:
         raise EvalMismatchError(base.path.name, quant.name, "the architecture", base.architecture,
                                 facts.architecture)
+    for what, base_value, quant_value in (
+            ("the layer count (without MTP layers)", base.layers, facts.layers),
+            ("the embedding length", base.embedding_length, facts.embedding_length)):
+        if base_value is not None and quant_value is not None and base_value != quant_value:
+            raise EvalMismatchError(base.path.name, quant.name, what, base_value, quant_value)
     if base.context_length is not None and facts.context_length is not None \
             and base.context_length != facts.context_length:
         raise EvalMismatchError(base.path.name, quant.name, "the trained context length", base.context_length,
@@ -317,7 +331,8 @@ def compute_logits_base(toolchain: Toolchain, bf16_gguf: Path, eval_text: Path, 
             logger.info("%s holds %d chunks of %d tokens, fewer than the %d asked for: measuring on those",
                         eval_text.name, base.chunks, context, chunks)
         sidecar = {"format": SIDECAR_FORMAT, "model": bf16_gguf.name, "architecture": facts.architecture,
-                   "n_vocab": base.n_vocab, "context_length": facts.context_length, "context": base.context,
+                   "n_vocab": base.n_vocab, "context_length": facts.context_length, "layers": facts.layers,
+                   "embedding_length": facts.embedding_length, "context": base.context,
                    "chunks": base.chunks, "eval_text": eval_text.name, "eval_text_sha256": _sha256(eval_text)}
         write_text_atomic(sidecar_path(output), json.dumps(sidecar, indent=2) + "\n")
     return output

@@ -8,14 +8,15 @@ it raises NeedMoreBytes with the size it needs when the prefix is too short.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from udquant.errors import CorruptGGUFError
+from udquant.errors import CorruptGGUFError, InputError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -201,10 +202,14 @@ def parse_gguf_header(buf: bytes | memoryview) -> GGUFHeader:
 
 
 def read_gguf_header(path: Path, *, check_data: bool = True) -> GGUFHeader:
-    """Read a local GGUF file's header; with check_data, fail if tensor data is cut short."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
+    """Read a local GGUF file's header; with check_data, fail if tensor data is cut short.
+
+    A path that cannot be opened as a file is the caller's mistake (InputError); only a file whose
+    content cannot be read or parsed is a CorruptGGUFError, whose hint is to delete it.
+    """
+    with _open_gguf(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             chunk = 1 << 20
             while True:
                 f.seek(0)
@@ -216,12 +221,25 @@ def read_gguf_header(path: Path, *, check_data: bool = True) -> GGUFHeader:
                     if len(buf) < chunk or need.needed > size:
                         raise CorruptGGUFError(path, f"header is cut short ({size} bytes)") from None
                     chunk = max(chunk * 2, need.needed)
-    except GGUFFormatError as err:
-        raise CorruptGGUFError(path, str(err)) from None
-    except OSError as err:
-        raise CorruptGGUFError(path, err.strerror or str(err)) from None
+        except GGUFFormatError as err:
+            raise CorruptGGUFError(path, str(err)) from None
+        except OSError as err:
+            raise CorruptGGUFError(path, err.strerror or str(err)) from None
     if check_data and header.data_offset + header.data_size > size:
         raise CorruptGGUFError(
             path, f"truncated: tensor data needs {header.data_offset + header.data_size} bytes, "
             f"the file has {size}")
     return header
+
+
+def _open_gguf(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a GGUF file") from None
+    except PermissionError:
+        raise InputError(f"{path}: cannot be read: permission denied") from None
+    except OSError as err:  # a path through a file (not a directory), a name too long, ...
+        raise InputError(f"{path}: cannot be opened: {err.strerror or err}") from None

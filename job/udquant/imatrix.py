@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from udquant.errors import ImatrixMismatchError, InputError
 from udquant.gguf_header import GGUFHeader, SkippedArray, read_gguf_header
 from udquant.progress import StageProgress
+from udquant.recipe import main_layer_count
 from udquant.runner import run_tool
 from udquant.toolchain import PINNED_TAG, Toolchain, warn_if_gpu_unused
 from udquant.workdir import atomic_output
@@ -43,6 +45,7 @@ class ImatrixSettings:
 CALIBRATION_NAME = "udquant-calibration.txt"
 # llama-quantize refuses a GGUF imatrix without any of these (common/imatrix-loader.cpp).
 GGUF_IMATRIX_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+_BLOCK = re.compile(r"blk\.(\d+)\.")
 # llama-imatrix's --nextn collects one MTP/NextN layer and stops on more ("multi-layer NextN drafts
 # are not supported").
 MAX_NEXTN_LAYERS = 1
@@ -157,7 +160,8 @@ def read_imatrix(path: Path) -> Imatrix:
 
 
 def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
-    """Every entry must name a tensor of this model with the same row length.
+    """Every entry must name a tensor of this model with the same row length, and every layer must
+    have entries.
 
     An entry holds row length x experts values, as llama-quantize requires (it stops otherwise).
     """
@@ -184,3 +188,34 @@ def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
     if wrong:
         raise ImatrixMismatchError(f"{imatrix.path.name} does not fit this model's tensor widths",
                                    sorted(wrong))
+    uncovered = uncovered_layers(imatrix, model)
+    if uncovered:
+        raise ImatrixMismatchError(
+            f"{imatrix.path.name} has no entries for {len(uncovered)} of this model's layers (made for a model "
+            "with fewer layers?); llama-quantize would quantize them without importance data", uncovered)
+
+
+def uncovered_layers(imatrix: Imatrix, model: GGUFHeader) -> list[str]:
+    """The model's layers (blk.N) holding matrices none of which has an entry, one line each.
+
+    llama-imatrix collects every matrix multiplication of a layer's weights (tools/imatrix/imatrix.cpp:
+    MUL_MAT and MUL_MAT_ID on blk.* tensors, one entry per 3-D expert tensor), so each layer it ran
+    has entries; norms, convolutions and other 1-D tensors never do, nor does token_embd. Per layer,
+    not per tensor: which matrices a layer multiplies depends on the architecture. MTP/NextN layers
+    (the last nextn_predict_layers) get entries only from llama-imatrix --nextn, so they may lack them.
+    """
+    matrices: dict[int, list[str]] = {}
+    for tensor in model.tensors:
+        if len(tensor.shape) >= 2 and (match := _BLOCK.match(tensor.name)):
+            matrices.setdefault(int(match.group(1)), []).append(tensor.name)
+    if not matrices:
+        return []
+    _, nextn_layers = main_layer_count(model.metadata)
+    first_mtp = max(matrices) + 1 - nextn_layers
+    covered = {int(match.group(1)) for name in imatrix.widths if (match := _BLOCK.match(name))}
+    return [f"blk.{block}: none of its {len(names)} matrices ({', '.join(_short(n, block) for n in names)})"
+            for block, names in sorted(matrices.items()) if block < first_mtp and block not in covered]
+
+
+def _short(name: str, block: int) -> str:
+    return name.removeprefix(f"blk.{block}.").removesuffix(".weight")

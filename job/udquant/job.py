@@ -23,17 +23,8 @@ from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, comput
 from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
 from udquant.library import data_file
 from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels, require_plotting
-from udquant.output import (
-    ImatrixUse,
-    LevelOutput,
-    check_out_dir,
-    gguf_file_name,
-    kept_levels,
-    kept_mmproj,
-    mmproj_file_name,
-    sha256_file,
-    write_outputs,
-)
+from udquant.out_dir import check_out_dir, gguf_file_name, mmproj_file_name, output_file_names
+from udquant.output import ImatrixUse, LevelOutput, kept_levels, kept_mmproj, sha256_file, write_outputs
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
 from udquant.quantize import quantize_model
@@ -50,18 +41,19 @@ from udquant.recipe import (
 from udquant.resolve import ModelInfo, check_mtp_option, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
-from udquant.workdir import StageDir, find_stage, open_stage
+from udquant.workdir import StageDir, check_work_dir, find_stage, open_stage
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = "UD-Q5_K_XL"
+DEFAULT_IMATRIX_CONTEXT = 512
 IMATRIX_MODES = ("none", "compute", "auto")
 
 
 @dataclass(frozen=True)
 class JobOptions:
     source: str
-    levels: tuple[str, ...] = (DEFAULT_LEVEL,)
+    levels: tuple[str, ...] | None = None  # None: not given: --recipe's own level, else DEFAULT_LEVEL
     recipe: str = "auto"  # auto: the library's recipe per level; else a library id or a recipe file
     imatrix: str = "auto"  # auto | none | compute | path to an imatrix file
     allow_base_imatrix: bool = False
@@ -72,7 +64,7 @@ class JobOptions:
     mmproj: bool = True  # export a vision tower, when the model has one, as an mmproj file
     calibration: Path | None = None
     imatrix_chunks: int | None = None  # None: all the calibration text holds
-    imatrix_context: int = 512
+    imatrix_context: int = DEFAULT_IMATRIX_CONTEXT
     threads: int | None = None
     disk_reserve: int = 1_000_000_000
     upload: bool | None = None  # None: upload when the source is a Hub repo and a token is set
@@ -117,16 +109,22 @@ def _model_fingerprint(model: ModelInfo) -> dict[str, Any]:
     return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
-def _recipes_for(options: JobOptions, model: ModelInfo) -> list[Recipe]:
-    if options.recipe != "auto":
-        recipe = load_recipe_ref(options.recipe)
-        # --quant's default stands for "not given"; any other --quant must name the recipe's own level.
-        if options.levels not in ((DEFAULT_LEVEL,), (recipe.level,)):
-            raise InputError(f"--recipe {options.recipe} makes {recipe.level}, and --quant asks for "
-                             f"{', '.join(options.levels)}", hint="give either --recipe or --quant levels")
-        recipes = [recipe]
+def _named_recipe(options: JobOptions) -> Recipe | None:
+    """--recipe's recipe (None for auto); --quant levels given with it must be its own level."""
+    if options.recipe == "auto":
+        return None
+    recipe = load_recipe_ref(options.recipe)
+    if options.levels is not None and options.levels != (recipe.level,):
+        raise InputError(f"--recipe {options.recipe} makes {recipe.level}, and --quant asks for "
+                         f"{', '.join(options.levels)}", hint="give either --recipe or --quant levels")
+    return recipe
+
+
+def _recipes_for(options: JobOptions, model: ModelInfo, named: Recipe | None) -> list[Recipe]:
+    if named is not None:
+        recipes = [named]
     else:
-        recipes = [find_recipe(level, model.llama_arch) for level in options.levels]
+        recipes = [find_recipe(level, model.llama_arch) for level in options.levels or (DEFAULT_LEVEL,)]
     for recipe in recipes:
         if recipe.arch not in ("any", model.llama_arch):
             raise RecipeError(f"recipe {recipe.id} is for architecture {recipe.arch}, "
@@ -246,6 +244,8 @@ def run_job(options: JobOptions) -> JobResult:
     """Run the whole pipeline for one model and every requested level."""
     if options.imatrix not in IMATRIX_MODES and not Path(options.imatrix).is_file():
         raise InputError(f"--imatrix must be auto, none, compute or an existing file, not {options.imatrix!r}")
+    check_work_dir(options.work_dir)
+    named_recipe = _named_recipe(options)
     if options.evaluate:  # before hours of work, not after
         options.eval_settings.check()
         require_plotting()
@@ -253,7 +253,7 @@ def run_job(options: JobOptions) -> JobResult:
     with timings.stage("resolve"):
         model = resolve_model(options.source, revision=options.revision, token=options.token)
         check_mtp_option(model, options.no_mtp)
-        recipes = _recipes_for(options, model)
+        recipes = _recipes_for(options, model, named_recipe)
         toolchain = find_toolchain()
         early_imatrix = read_imatrix(Path(options.imatrix)) if options.imatrix not in IMATRIX_MODES else None
         upload = options.upload if options.upload is not None else bool(model.repo_id and options.token)
@@ -266,8 +266,9 @@ def run_job(options: JobOptions) -> JobResult:
         logger.warning("%s: %s", lacking,
                        "converting with --no-mtp" if no_mtp else "--mtp was given, so the converter will look for them")
     out_dir = options.out_dir or Path("udquant-out") / model.name
-    check_out_dir(out_dir, model)
     vision = model.vision_weights
+    check_out_dir(out_dir, model, file_names=output_file_names(
+        model, [recipe.level for recipe in recipes], mmproj=bool(vision) and options.mmproj, plot=options.evaluate))
     if vision and not options.mmproj:
         logger.warning("%s has a vision tower (%d tensors): --no-mmproj, so only the text model is published",
                        model.name, len(vision))

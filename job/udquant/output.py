@@ -17,23 +17,34 @@ import yaml
 
 from udquant import __version__
 from udquant.convert import MMPROJ_TYPE
-from udquant.errors import InputError, UdquantError
+from udquant.errors import UdquantError
 from udquant.evaluate import QuantEval, render_eval_table
 from udquant.imatrix import Imatrix
 from udquant.imatrix_discovery import Candidate
 from udquant.library import data_file
+from udquant.out_dir import (
+    CARD_NAME,
+    PENDING_NAME,
+    PLOT_NAME,
+    RESULT_NAME,
+    files_written,
+    gguf_file_name,
+    mmproj_file_name,
+    output_file_names,
+    pending_files,
+    read_udquant_result,
+    recipe_file_name,
+    remove_own_partials,
+)
 from udquant.recipe import Recipe, type_bits
 from udquant.resolve import ModelInfo
 from udquant.toolchain import Toolchain
 from udquant.verify import Verification
-from udquant.workdir import atomic_output, remove_stale_partials, write_text_atomic
+from udquant.workdir import atomic_output, write_text_atomic
 
 if TYPE_CHECKING:
     from udquant.measure import EvalSettings
 
-RESULT_NAME = "udquant-result.json"
-PLOT_NAME = "kld-vs-bpw.png"
-CARD_NAME = "README.md"
 
 
 @dataclass(frozen=True)
@@ -88,45 +99,6 @@ def _place(source: Path, dest: Path, *, link: bool) -> None:
                 shutil.copyfile(source, partial)
         else:
             shutil.copyfile(source, partial)
-
-
-def gguf_file_name(model: ModelInfo, level: str) -> str:
-    return f"{model.name}-{level}.gguf"
-
-
-def mmproj_file_name(model: ModelInfo) -> str:
-    return f"mmproj-{model.name}-{MMPROJ_TYPE.upper()}.gguf"
-
-
-def check_out_dir(out_dir: Path, model: ModelInfo) -> None:
-    """Refuse an output folder where writing would replace what a user made (before any work)."""
-    where = out_dir.resolve()
-    if model.local_dir is not None and where.is_relative_to(model.local_dir.resolve()):
-        raise InputError(f"--out-dir {out_dir} is inside the model folder {model.local_dir}",
-                         hint="choose an output folder outside the model (its files would change the model)")
-    card = out_dir / CARD_NAME
-    if card.is_file() and not _is_udquant_card(card.read_text(errors="replace")):
-        raise InputError(f"{card} was not written by udquant and would be replaced",
-                         hint="choose another --out-dir, or move that file")
-    result = out_dir / RESULT_NAME
-    if result.is_file():
-        try:
-            made_from = json.loads(result.read_text())["inputs"]["source"]
-        except (ValueError, KeyError, TypeError):
-            made_from = None
-        if made_from != (model.repo_id or model.name):
-            raise InputError(f"{out_dir} holds udquant's results for {made_from or 'another model'}, "
-                             f"not for {model.repo_id or model.name}", hint="choose another --out-dir")
-
-
-def _is_udquant_card(text: str) -> bool:
-    if not text.startswith("---"):
-        return False
-    try:
-        front = yaml.safe_load(text.split("---", 2)[1])
-    except yaml.YAMLError:
-        return False
-    return isinstance(front, dict) and front.get("quantized_by") == "udquant"
 
 
 def kept_levels(previous: dict[str, Any] | None, remote_files: frozenset[str], made: set[str]) -> list[dict[str, Any]]:
@@ -272,7 +244,16 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
     are records of files an earlier run published and this one leaves in place.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir)
+    names = output_file_names(model, [level.level for level in levels], mmproj=mmproj is not None, plot=bool(evals))
+    remove_own_partials(out_dir, [*names, CARD_NAME, RESULT_NAME, PENDING_NAME])
+    source = model.repo_id or model.name
+    earlier = read_udquant_result(out_dir / RESULT_NAME)
+    # Files earlier runs for this model wrote here (one killed while writing too) stay udquant's: a later
+    # run may replace them.
+    written = files_written(earlier) if earlier is not None and earlier["inputs"]["source"] == source else set()
+    written |= pending_files(out_dir, model)
+    write_text_atomic(out_dir / PENDING_NAME,
+                      json.dumps({"source": source, "files": sorted(written | set(names))}, indent=2) + "\n")
     level_records = []
     ggufs, recipes = [], []
     for level in levels:
@@ -280,7 +261,7 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         _place(level.source, out_dir / name, link=True)
         parts = split(out_dir / name) if split else [out_dir / name]
         ggufs.extend(parts)
-        recipe_name = f"{model.name}-{level.level}.recipe.yaml"
+        recipe_name = recipe_file_name(model, level.level)
         if level.recipe.source_path is not None:
             # A copy: a link would let an edit of the output change the library's recipe.
             _place(level.recipe.source_path, out_dir / recipe_name, link=False)
@@ -307,10 +288,15 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         from udquant.plot import plot_kld_vs_bpw
 
         plot = plot_kld_vs_bpw(evals, out_dir / PLOT_NAME, title=f"{model.name}: KL divergence vs size")
+    written |= {gguf_file_name(model, level.level) for level in levels} | {path.name for path in recipes}
+    if mmproj is not None:
+        written.add(mmproj_file_name(model))
+    if plot is not None:
+        written.add(plot.name)
     result = {
         "udquant_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": {"source": model.repo_id or model.name, "repo_id": model.repo_id,
+        "inputs": {"source": source, "repo_id": model.repo_id,
                    "revision": model.revision, "hf_architecture": model.hf_architecture,
                    "llama_arch": model.llama_arch, "n_params": model.n_params,
                    "no_mtp": no_mtp},
@@ -322,12 +308,15 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
         "eval": [row.describe() for row in evals],
         "eval_text": eval_settings.describe() if eval_settings is not None and evals else None,
         "timings": timings,
+        # What udquant wrote into this folder, this run or earlier ones: a rerun may replace these.
+        "out_dir_files": sorted(name for name in written if (out_dir / name).is_file()),
     }
     write_text_atomic(out_dir / CARD_NAME, render_card(model, level_records, imatrix_record, toolchain, output_repo,
                                                  eval_section=_eval_section(evals, eval_settings),
                                                  mmproj=mmproj_record))
     result_path = out_dir / RESULT_NAME
     write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
+    (out_dir / PENDING_NAME).unlink(missing_ok=True)
     return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path, plot)
 
 

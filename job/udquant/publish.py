@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 from udquant.errors import HubError, InputError
-from udquant.hub import HUB_ERRORS, hub_error
-from udquant.output import RESULT_NAME, sha256_file
+from udquant.hub import HUB_ERRORS, NO_ANSWER, hub_error
+from udquant.out_dir import RESULT_NAME
+from udquant.output import sha256_file
 from udquant.resolve import validate_repo_id
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
@@ -60,11 +61,10 @@ def plan_target(model_name: str, source: str, *, output_repo: str | None, privat
     if not token:
         raise InputError("uploading needs a Hugging Face token with write access in HF_TOKEN",
                          hint="set HF_TOKEN, or pass --no-upload to keep the results local")
+    if output_repo is not None:
+        validate_repo_id(output_repo)  # the user's input, checked before any request
     api = HfApi(token=token)
-    try:
-        me = api.whoami()
-    except HUB_ERRORS as err:
-        raise HubError("the Hub refused the token in HF_TOKEN", hint=f"check it has write access ({err})") from None
+    me = _whoami(api)
     if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise InputError("the token in HF_TOKEN is read-only: uploading needs write access",
                          hint="use a token with the write role, or pass --no-upload to keep the results local")
@@ -104,6 +104,28 @@ def plan_target(model_name: str, source: str, *, output_repo: str | None, privat
             logger.warning("%s was not made by udquant: its README.md will be replaced by udquant's card "
                            "(the repo's history keeps the old one)", repo_id)
     return Target(repo_id, private, previous, frozenset(files))
+
+
+def _whoami(api: HfApi) -> dict[str, Any]:
+    """Who the token belongs to. Only an HTTP 401 or 403 is a refused token: no answer, offline mode or
+    a server error says nothing about it."""
+    try:
+        return api.whoami()
+    except HfHubHTTPError as err:
+        status = err.response.status_code
+        if status in (401, 403):
+            raise HubError(f"the Hub refused the token in HF_TOKEN (HTTP {status})",
+                           hint="check the token is valid and has write access, or pass --no-upload "
+                                "to keep the results local") from None
+        raise HubError(f"checking the token in HF_TOKEN failed: the Hub answered HTTP {status}",
+                       hint="try again later; --no-upload keeps the results local") from None
+    except OfflineModeIsEnabled:
+        raise HubError("uploading needs the Hub, and HF_HUB_OFFLINE is set",
+                       hint="unset HF_HUB_OFFLINE, or pass --no-upload to keep the results local") from None
+    except NO_ANSWER as err:
+        raise HubError(f"cannot reach the Hub at {constants.ENDPOINT} to check the token in HF_TOKEN "
+                       f"({type(err).__name__}: {err})",
+                       hint="check the network or HF_ENDPOINT, or pass --no-upload to keep the results local") from None
 
 
 @dataclass(frozen=True)

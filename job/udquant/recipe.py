@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from udquant.errors import RecipeError
+from udquant.errors import InputError, RecipeError
 from udquant.gguf_header import GGUFHeader, TensorInfo, ggml_type_name, parse_ggml_type
 from udquant.library import recipes_dir
 
@@ -56,6 +56,10 @@ NEVER_QUANTIZED_BY_ARCH = {
                   "attn_v_b.weight"),
 }
 SELECTORS = ("all", "more_bits")
+# Level names and library ids (arch/LEVEL) name files under recipes/: without separators or a
+# leading dot, none can reach outside it.
+LEVEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RECIPE_ID = re.compile(rf"{LEVEL_NAME.pattern}/{LEVEL_NAME.pattern}")
 MAX_PATTERN_LENGTH = 300
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 # Names of every kind a catch-all rule must match.
@@ -192,7 +196,7 @@ def parse_recipe(data: Any, where: str, source_path: Path | None = None) -> Reci
     fallbacks = {_check_type(k, f"{where}: fallbacks"): _check_type(v, f"{where}: fallbacks")
                  for k, v in fallbacks_raw.items()}
     level = str(data.get("level") or str(data["id"]).rsplit("/", 1)[-1])
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", level):
+    if not LEVEL_NAME.fullmatch(level):
         raise RecipeError(f"{where}: level {level!r} must be letters, digits, '_', '.' or '-' (it names files)")
     last = rules[-1]
     if last.layers is not None or last.select != "all" or not all(last.matches(n) for n in _ANY_TENSOR):
@@ -217,8 +221,16 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(data, str(path), source_path=path)
 
 
+def check_level_name(level: str, option: str = "level") -> str:
+    if not LEVEL_NAME.fullmatch(level):
+        raise InputError(f"{option} {level!r} is not a level name: letters, digits, '_', '.' or '-', "
+                         "such as UD-Q5_K_XL")
+    return level
+
+
 def find_recipe(level: str, arch: str) -> Recipe:
     """The library recipe for a level: the architecture's own, else the generic one."""
+    check_level_name(level)
     root = recipes_dir()
     for candidate in (root / arch / f"{level}.yaml", root / "generic" / f"{level}.yaml"):
         if candidate.is_file():
@@ -233,8 +245,7 @@ def load_recipe_ref(ref: str) -> Recipe:
     path = Path(ref)
     if path.is_file():
         return load_recipe(path)
-    library = recipes_dir() / f"{ref}.yaml"
-    if library.is_file():
+    if RECIPE_ID.fullmatch(ref) and (library := recipes_dir() / f"{ref}.yaml").is_file():
         return load_recipe(library)
     known = sorted(str(p.relative_to(recipes_dir()).with_suffix("")) for p in recipes_dir().glob("*/*.yaml"))
     raise RecipeError(f"no recipe file or library id {ref!r}; library: {', '.join(known)}")

@@ -8,7 +8,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -85,11 +85,13 @@ def card_license(data: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
 
 
 def check_mtp_option(model: ModelInfo, no_mtp: bool | None) -> None:
-    """Refuse --no-mtp where the pinned converter would (it has no MTP handling for the architecture)."""
-    if no_mtp and not model.supports_mtp:
-        raise InputError(f"--no-mtp does not apply to {model.hf_architecture}: the pinned converter has no MTP "
-                         "layers to drop for it (it refuses the option)",
-                         hint=f"leave out --no-mtp; MTP layers exist in {', '.join(sorted(MTP_ARCHITECTURES))}")
+    """Refuse --no-mtp and --mtp where the pinned converter has no MTP handling for the architecture
+    (it refuses --no-mtp, and --mtp would change nothing)."""
+    if no_mtp is not None and not model.supports_mtp:
+        option = "--no-mtp" if no_mtp else "--mtp"
+        raise InputError(f"{option} does not apply to {model.hf_architecture}: the pinned converter has no MTP "
+                         "layers to keep or drop for it",
+                         hint=f"leave out {option}; MTP layers exist in {', '.join(sorted(MTP_ARCHITECTURES))}")
 
 
 def supported_architectures() -> dict[str, str]:
@@ -97,8 +99,12 @@ def supported_architectures() -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def validate_repo_id(repo_id: str) -> str:
+def validate_repo_id(repo_id: str, option: str | None = None) -> str:
+    """repo_id when it is one; option names where an output repo was given (a source may also be a folder)."""
     if not REPO_ID.match(repo_id) or repo_id.endswith(".git"):
+        if option is not None:
+            raise InputError(f"{option} {repo_id!r} is not a Hugging Face repo id",
+                             hint="write it as owner/name (letters, digits, '-', '_', '.')")
         raise InputError(
             f"{repo_id!r} is neither an existing directory nor a Hugging Face repo id",
             hint="write it as owner/name (letters, digits, '-', '_', '.'), or give an existing local directory")
@@ -106,33 +112,76 @@ def validate_repo_id(repo_id: str) -> str:
 
 
 def looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).exists()
+    try:
+        return source.startswith((".", "/", "~")) or Path(source).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL: no folder, maybe no repo id
+        return False
+
+
+def _whole_numbers(value: Any) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
 
 
 def read_safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a .safetensors header (8-byte length, then JSON)."""
+    """Tensor name -> shape from a .safetensors header (8-byte length, then JSON), once the file is
+    known to hold all the data the header describes."""
     try:
         with path.open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100 * 1024 * 1024:
                 raise ValueError("header too large")
-            header: dict[str, Any] = json.loads(f.read(length))
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
     except (OSError, ValueError, struct.error) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
-    return {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"}
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    shapes: dict[str, list[int]] = {}
+    data_end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        entry: dict[str, Any] = meta if isinstance(meta, dict) else {}
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not _whole_numbers(shape) or not _whole_numbers(offsets) or len(offsets) != 2:
+            raise InputError(f"{path}: the safetensors header's entry for {name!r} needs 'shape' and "
+                             "'data_offsets' as lists of whole numbers", hint="download the file again")
+        shapes[name] = shape
+        data_end = max(data_end, offsets[1])
+    if size < 8 + length + data_end:
+        raise InputError(f"{path}: truncated: {size:,} bytes, its header describes {8 + length + data_end:,}",
+                         hint="the download or copy was cut short: download the file again")
+    return shapes
 
 
-def describe_config(config: dict[str, Any], source: str) -> tuple[str, str, int]:
+def _declared_layers(config: dict[str, Any], key: str, where: str) -> int:
+    value = config.get(key)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InputError(f"{where}: {key} must be a whole number of layers, not {value!r}")
+    return value
+
+
+def describe_config(config: Any, source: str) -> tuple[str, str, int]:
     """(HF architecture, llama.cpp architecture, declared MTP layers) from a config.json."""
+    if not isinstance(config, dict):
+        raise InputError(f"{source}: config.json is not a JSON object but a {type(config).__name__}")
     architectures = config.get("architectures") or []
     if not architectures:
         raise InputError(f"{source}: config.json names no architecture ('architectures' is missing)")
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise InputError(f"{source}: config.json: 'architectures' must be a list of class names, "
+                         f"not {architectures!r}", hint='write it as ["LlamaForCausalLM"]')
     hf_arch = architectures[0]
     supported = supported_architectures()
     if hf_arch not in supported:
         raise UnsupportedArchitectureError(hf_arch, sorted(supported))
     text_config = config.get("text_config") or {}
-    declared = max(int(c.get(key) or 0) for c in (config, text_config) for key in MTP_CONFIG_KEYS)
+    if not isinstance(text_config, dict):
+        raise InputError(f"{source}: config.json: 'text_config' must be a JSON object, not {text_config!r}")
+    declared = max(_declared_layers(c, key, f"{source}: config.json{where}")
+                   for c, where in ((config, ""), (text_config, ": text_config")) for key in MTP_CONFIG_KEYS)
     return hf_arch, supported[hf_arch], declared
 
 
@@ -203,7 +252,13 @@ def _local_card_license(directory: Path) -> tuple[tuple[str, str], ...]:
 def resolve_model(source: str, *, revision: str | None = None, token: str | None = None) -> ModelInfo:
     """Describe the model named by source: a local directory or owner/name on the Hub."""
     if looks_like_path(source):
-        return resolve_local(Path(source).expanduser(), source)
+        try:
+            directory = Path(source).expanduser()
+        except RuntimeError:  # ~name of no user on this machine
+            user = source[1:].split("/", 1)[0]
+            raise InputError(f"{source}: no such directory ('~{user}' names no user of this machine)",
+                             hint="give the folder's full path") from None
+        return resolve_local(directory, source)
     from udquant.hub import resolve_hub_model
 
     return resolve_hub_model(validate_repo_id(source), revision=revision, token=token)

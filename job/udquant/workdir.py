@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from udquant.errors import InputError
+
 DONE = "done.json"
 
 
@@ -95,7 +97,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         partial.write_text(text)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,11 +111,26 @@ def remove_stale_partials(path: Path) -> None:
     """Delete what killed runs left half-written (names carry the writer's pid)."""
     for partial in path.glob("*.partial-*"):
         pid = partial.name.rsplit(".partial-", 1)[1].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             if partial.is_dir() and not partial.is_symlink():
                 shutil.rmtree(partial, ignore_errors=True)
             else:
                 partial.unlink(missing_ok=True)
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at folder or at the nearest of its parents that exists: mkdir would fail on it."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
+def check_work_dir(work_root: Path) -> None:
+    """Refuse a work folder that cannot be made, before any work would need it."""
+    if (blocking := file_in_the_way(work_root)) is not None:
+        raise InputError(f"--work-dir {work_root}: {blocking} is a file, not a folder",
+                         hint="give a folder, or a path where one can be made")
 
 
 def find_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:

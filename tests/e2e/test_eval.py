@@ -60,7 +60,8 @@ def test_base_logits_file_and_sidecar(measured):
     root, _, base, _ = measured
     logits = read_base_logits(base)
     assert (logits.context, logits.n_vocab, logits.chunks) == (CONTEXT, 1024, CHUNKS)
-    assert (logits.architecture, logits.context_length) == ("llama", 512)
+    assert (logits.architecture, logits.context_length, logits.layers, logits.embedding_length) == (
+        "llama", 512, 4, 256)
     assert json.loads(sidecar_path(base).read_text())["eval_text"] == "eval.txt"
     assert not list(root.glob("*.partial-*"))
 
@@ -119,6 +120,21 @@ def test_base_of_another_vocab_is_refused(measured, other_vocab, toolchain, tmp_
     with pytest.raises(EvalMismatchError, match="vocabulary size is 1024 for the base, 1280 for the quant"):
         measure_quant(toolchain, other_vocab, base, log_path=tmp_path / "kld.log")
     assert not (tmp_path / "kld.log").exists()  # refused before llama-perplexity ran
+
+
+@pytest.fixture(scope="module")
+def deeper(toolchain, tmp_path_factory) -> Path:
+    """A tiny llama of the same vocabulary, widths and context, with 6 layers instead of 4."""
+    root = tmp_path_factory.mktemp("deeper")
+    return convert(toolchain, make_tiny_model(root / "tiny-llama-6l", TinySpec(num_layers=6, seed=6)), root / "gguf")
+
+
+def test_base_of_a_model_with_other_layers_is_refused(measured, deeper, toolchain, tmp_path):
+    """llama-perplexity itself compares only the vocabulary: it would print a KLD table."""
+    _, _, base, _ = measured
+    with pytest.raises(EvalMismatchError, match=r"layer count \(without MTP layers\) is 4 for the base, 6 for"):
+        measure_quant(toolchain, deeper, base, log_path=tmp_path / "kld.log")
+    assert not (tmp_path / "kld.log").exists()
 
 
 @pytest.fixture(scope="module")

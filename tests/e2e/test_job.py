@@ -220,11 +220,12 @@ def test_a_rerun_needs_no_room_for_what_is_already_converted(llama_run, llama):
     assert f", {bf16.stat().st_size} of them already here" in proc.stderr
 
 
-def test_a_recipe_and_a_quant_level_that_disagree_are_refused(llama, tmp_path):
-    proc = run_cli(llama, "--recipe", "llama/UD-Q5_K_XL", "--quant", "UD-Q4_K_XL", "--work-dir", tmp_path / "work",
-                   cwd=tmp_path)
+@pytest.mark.parametrize(("recipe", "level"), [("llama/UD-Q5_K_XL", "UD-Q4_K_XL"),
+                                               ("llama/UD-Q4_K_XL", "UD-Q5_K_XL")])  # the default level too
+def test_a_recipe_and_a_quant_level_that_disagree_are_refused(llama, tmp_path, recipe, level):
+    proc = run_cli(llama, "--recipe", recipe, "--quant", level, "--work-dir", tmp_path / "work", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "--recipe llama/UD-Q5_K_XL makes UD-Q5_K_XL, and --quant asks for UD-Q4_K_XL" in proc.stderr
+    assert f"--recipe {recipe} makes {recipe.split('/')[1]}, and --quant asks for {level}" in proc.stderr
 
 
 def test_not_enough_disk(llama, toolchain, tmp_path):
@@ -247,8 +248,14 @@ def test_bad_source(source, message, tmp_path):
     (["--imatrix", "sometimes"], "--imatrix must be auto, none, compute or an existing file"),
     (["--imatrix-chunks", "0"], "--imatrix-chunks must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1, not 0"),
+    (["--split-size-gb", "nan"], "--split-size-gb: 'nan' is not a size in GB"),
+    (["--quant", "UD-Q4_K_XL", "--quant", "UD-Q4_K_XL"], "--quant UD-Q4_K_XL is given more than once"),
+    (["--imatrix", "none", "--calibration", "calibration.txt"], "--calibration only applies when the imatrix is"),
+    (["--mtp"], "--mtp does not apply to LlamaForCausalLM"),
+    (["--work-dir", "afile"], "--work-dir afile: afile is a file, not a folder"),
 ])
 def test_bad_option_values(llama, tmp_path, option, message):
+    (tmp_path / "afile").write_text("a file")
     proc = run_cli(llama, *option, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr
 

@@ -98,3 +98,15 @@ def test_show_with_a_model(template, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "q8_0: 2" in proc.stdout and "bits per weight" in proc.stdout
     assert "blk.N.ffn_down.weight" in proc.stdout
+
+
+def test_check_and_show_refuse_what_the_recipe_is_not_for(template, tmp_path):
+    """A recipe of another architecture, a GGUF that is no model, a path that is no file: exit 2, said why."""
+    other = run_cli("recipe", "check", template, "qwen35/UD-Q4_K_XL", cwd=tmp_path, program="udquant")
+    assert other.returncode == 2 and "is for architecture qwen35, and" in other.stderr, other.stderr
+    assert "fidelity" not in other.stdout
+    missing = run_cli("recipe", "show", "generic/UD-Q4_K_XL", "--model", tmp_path / "nope.gguf", cwd=tmp_path,
+                      program="udquant")
+    assert missing.returncode == 2 and "nope.gguf: no such file" in missing.stderr, missing.stderr
+    folder = run_cli("recipe", "check", tmp_path, "generic/UD-Q4_K_XL", cwd=tmp_path, program="udquant")
+    assert folder.returncode == 2 and "is a directory" in folder.stderr, folder.stderr

@@ -32,7 +32,7 @@ from udquant.dispatch.base import (
     redact,
 )
 from udquant.dispatch.cli import _namespace as hub_namespace
-from udquant.dispatch.cli import add_dispatch_command, follow
+from udquant.dispatch.cli import add_dispatch_command, follow, request_from_args
 from udquant.dispatch.docker_backend import DockerBackend, engine_available
 from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, eval_cost, output_bytes
 from udquant.dispatch.github import GitHubBackend
@@ -149,6 +149,23 @@ def test_requests_are_validated_when_made(changes: dict[str, object]) -> None:
         DispatchRequest(**(fields | changes))  # type: ignore[arg-type]
 
 
+def test_a_named_recipe_makes_its_own_level_only() -> None:
+    """The job refuses --recipe with any other --quant: no level given means the recipe's, not the default."""
+    request = make_request("someone/Distill-8B", None, recipe="llama/UD-Q4_K_XL")
+    assert request.levels == ("UD-Q4_K_XL",)
+    assert build_job_args(request)[2:6] == ["--quant", "UD-Q4_K_XL", "--recipe", "llama/UD-Q4_K_XL"]
+    assert make_request("someone/Distill-8B", None).levels == ("UD-Q5_K_XL",)
+    with pytest.raises(InputError, match="recipe llama/UD-Q4_K_XL makes UD-Q4_K_XL, and --quant asks for "
+                                         "UD-Q5_K_XL") as refused:
+        make_request("someone/Distill-8B", None, recipe="llama/UD-Q4_K_XL", levels=["UD-Q5_K_XL"])
+    assert refused.value.hint == "give --recipe alone, or with --quant UD-Q4_K_XL"
+    with pytest.raises(InputError, match="makes UD-Q4_K_XL"):
+        DispatchRequest(repo_id="someone/Distill-8B", recipe="llama/UD-Q4_K_XL")  # the default level
+    args = _dispatch_parser().parse_args(["dispatch", "--backend", "github", "someone/Distill-8B",
+                                          "--recipe", "llama/UD-Q4_K_XL"])
+    assert request_from_args(args).levels == ("UD-Q4_K_XL",)
+
+
 def test_link_and_redaction_helpers() -> None:
     assert link_from_logs(["INFO done", "https://huggingface.co/alice/X-UD-GGUF", ""]) == \
         "https://huggingface.co/alice/X-UD-GGUF"
@@ -229,6 +246,16 @@ def test_hf_jobs_without_an_answer_fail_as_passing_dispatch_errors(monkeypatch: 
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     with pytest.raises(DispatchError, match="whoami failed: cannot reach the Hub"):
         hub_namespace(HF_TOKEN)
+
+
+def test_whoami_tells_a_refused_token_from_offline_mode(jobs: HubJobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DispatchError, match=r"the Hub did not accept HF_TOKEN \(HTTP 401\)") as refused:
+        hub_namespace("hf_wrong_token")
+    assert refused.value.status_code == 401
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DispatchError, match="whoami failed: HF_HUB_OFFLINE is set") as offline:
+        hub_namespace(HF_TOKEN)
+    assert offline.value.hint == "unset HF_HUB_OFFLINE" and "did not accept" not in str(offline.value)
 
 
 def test_hardware_list_and_estimates(jobs: HubJobs) -> None:
@@ -511,7 +538,7 @@ def test_cli_dispatch_hf_jobs_wait_prints_link_last(jobs: HubJobs, hub: HubServe
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     argv = ["dispatch", "--backend", "hf-jobs", "someone/Distill-8B", "--quant", "UD-Q5_K_XL", "--flavor", "h200",
-            "--wait", "--poll", "0"]
+            "--wait", "--poll", "0.001"]
     args = _dispatch_parser().parse_args(argv)
     assert args.func(args) == 0
     out, err = capsys.readouterr()
@@ -656,6 +683,38 @@ def test_hf_jobs_timeout_is_checked_before_anything_starts(given: str, accepted:
     with pytest.raises(SystemExit):
         _dispatch_parser().parse_args(argv)
     assert "is not a time limit such as 8h" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    *((["--poll", given], "is not a number of seconds (a finite number > 0)")
+      for given in ("-1", "0", "nan", "inf", "x")),
+    *((["--tail", given], "is not a number of lines (a whole number >= 1)") for given in ("0", "-5", "1.5")),
+])
+def test_poll_and_tail_are_checked_before_anything_starts(argv: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _dispatch_parser().parse_args(["dispatch", "--backend", "docker", "a/b", "--wait", *argv])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    args = _dispatch_parser().parse_args(["dispatch", "--backend", "docker", "a/b", "--poll", "0.5", "--tail", "1"])
+    assert (args.poll, args.tail) == (0.5, 1)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--quant", "UD-Q9"], "unknown level 'UD-Q9'"),
+    (["--recipe", "./my.yaml"], "recipe './my.yaml' is not in the library"),
+    (["--recipe", "llama/UD-Q4_K_XL", "--quant", "UD-Q5_K_XL"], "makes UD-Q4_K_XL"),
+    (["--image", "Not An Image"], "is not an image reference"),
+])
+def test_cli_dispatch_checks_all_input_before_asking_the_hub(argv: list[str], message: str, hub: HubServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user mistake is reported as such, not hidden behind a whoami that fails (offline, no answer)."""
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = _dispatch_parser().parse_args(["dispatch", "--backend", "hf-jobs", "someone/Distill-8B", *argv])
+    with pytest.raises(InputError, match=message):
+        args.func(args)
+    assert hub.state.requests == []
 
 
 def test_a_failed_job_is_released_and_reported() -> None:

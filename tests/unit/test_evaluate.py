@@ -159,9 +159,10 @@ def test_truncated_or_foreign_base_logits_are_refused(tmp_path):
 def test_sidecar_records_the_base_model(tmp_path):
     path = write_base_logits(tmp_path / "base.kld")
     sidecar_path(path).write_text(json.dumps({"format": "udquant-base-logits/1", "n_vocab": 1024,
-                                              "architecture": "llama", "context_length": 512}))
+                                              "architecture": "llama", "context_length": 512, "layers": 4,
+                                              "embedding_length": 256}))
     base = read_base_logits(path)
-    assert (base.architecture, base.context_length) == ("llama", 512)
+    assert (base.architecture, base.context_length, base.layers, base.embedding_length) == ("llama", 512, 4, 256)
     sidecar_path(path).write_text(json.dumps({"format": "udquant-base-logits/1", "n_vocab": 2048}))
     with pytest.raises(InputError, match="does not describe base.kld"):
         read_base_logits(path)
@@ -171,14 +172,18 @@ def test_sidecar_records_the_base_model(tmp_path):
     (ModelFacts("llama", 1280, 512), "the vocabulary size is 1024 for the base, 1280 for the quant"),
     (ModelFacts("qwen3", 1024, 512), "the architecture is llama for the base, qwen3 for the quant"),
     (ModelFacts("llama", 1024, 256), "the trained context length is 512 for the base, 256 for the quant"),
+    (ModelFacts("llama", 1024, 512, 6, 256),
+     r"the layer count \(without MTP layers\) is 4 for the base, 6 for the quant"),
+    (ModelFacts("llama", 1024, 512, 4, 320), "the embedding length is 256 for the base, 320 for the quant"),
 ])
 def test_quant_of_another_model_is_refused(facts, message):
     base = BaseLogits(Path("base.kld"), context=128, n_vocab=1024, chunks=2, architecture="llama",
-                      context_length=512)
+                      context_length=512, layers=4, embedding_length=256)
     with pytest.raises(EvalMismatchError, match=message) as err:
         check_base_fits(base, Path("q.gguf"), facts)
     assert err.value.exit_code == 2 and "q.gguf does not match the base logits base.kld" in str(err.value)
-    check_base_fits(base, Path("q.gguf"), ModelFacts("llama", 1024, 512))
+    check_base_fits(base, Path("q.gguf"), ModelFacts("llama", 1024, 512, 4, 256))
+    check_base_fits(base, Path("q.gguf"), ModelFacts("llama", 1024, 512))  # a GGUF without them: not compared
 
 
 def test_eval_context_longer_than_the_quant_was_trained_for_is_refused():
@@ -191,6 +196,9 @@ def test_model_facts_come_from_the_gguf_header(tmp_path):
     # 5000 tokens: a list the header reader summarises instead of keeping.
     path = write_model(tmp_path / "m.gguf", n_vocab=5000, context_length=256)
     assert read_model_facts(path) == ModelFacts("llama", 5000, 256)
+    # The MTP/NextN layer does not count: a quant made without it computes the same logits.
+    path = write_model(tmp_path / "mtp.gguf", layers=(5, 1), embedding_length=320)
+    assert read_model_facts(path) == ModelFacts("llama", 1024, 512, 4, 320)
 
 
 @pytest.mark.parametrize(("chunks", "context"), [(0, 512), (MAX_EVAL_CHUNKS + 1, 512), (8, 31), (8, 129)])
@@ -233,9 +241,15 @@ def test_plot_writes_a_png(tmp_path):
         plot_kld_vs_bpw([], tmp_path / "empty.png")
 
 
-def write_model(path: Path, n_vocab: int = 1024, context_length: int = 512) -> Path:
+def write_model(path: Path, n_vocab: int = 1024, context_length: int = 512, layers: tuple[int, int] | None = None,
+                embedding_length: int | None = None) -> Path:
     writer = GGUFWriter(str(path), "llama")
     writer.add_context_length(context_length)
+    if layers is not None:
+        writer.add_block_count(layers[0])
+        writer.add_uint32("llama.nextn_predict_layers", layers[1])
+    if embedding_length is not None:
+        writer.add_embedding_length(embedding_length)
     writer.add_token_list([f"t{i}" for i in range(n_vocab)])
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float16))
     writer.write_header_to_file()
@@ -286,4 +300,9 @@ def test_measure_refuses_before_running_the_tool(tmp_path):
     base = write_base_logits(tmp_path / "base.kld", n_vocab=1024, context=256, chunks=8)
     with pytest.raises(EvalMismatchError, match="vocabulary size is 1024 for the base, 1280 for the quant"):
         measure_quant(toolchain, write_model(tmp_path / "q.gguf", n_vocab=1280), base, log_path=tmp_path / "k.log")
+    sidecar_path(base).write_text(json.dumps({"format": "udquant-base-logits/1", "n_vocab": 1024, "layers": 4,
+                                              "embedding_length": 256}))
+    with pytest.raises(EvalMismatchError, match=r"layer count \(without MTP layers\) is 4 for the base, 6 for"):
+        measure_quant(toolchain, write_model(tmp_path / "q6.gguf", layers=(6, 0), embedding_length=256), base,
+                      log_path=tmp_path / "k.log")
     assert not (tmp_path / "tc" / "calls").exists()

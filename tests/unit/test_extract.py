@@ -105,3 +105,87 @@ def test_a_remote_header_shorter_than_its_listed_size_is_an_error_not_a_hang(tmp
 
     with pytest.raises(InputError, match="header is cut short"):
         _read_remote_header(ShortFiles(), "t.gguf", size=path.stat().st_size)
+
+
+# -- recipe check / show / refresh: input that cannot be used is refused with what is wrong -------------
+def _write_gguf(path, arch: str, kind: str | None = None):
+    from tests.layouts import llama_layout, write_sparse_gguf
+
+    if kind is None:
+        write_sparse_gguf(path, llama_layout(n_layers=2), arch=arch, block_count=2, vocab=1024)
+        return path
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_type(kind)
+    writer.add_tensor("blk.0.ffn_down.weight.in_sum2", np.ones(512, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_recipe_for_another_architecture_is_refused(tmp_path):
+    import pytest
+
+    from udquant.errors import RecipeError
+    from udquant.recipe import load_recipe_ref
+    from udquant.recipe_commands import check, report_for_model
+
+    model = _write_gguf(tmp_path / "llama.gguf", "llama")
+    for run in (check, lambda m, r: report_for_model(r, m)):
+        with pytest.raises(RecipeError, match="recipe qwen35/UD-Q4_K_XL is for architecture qwen35, and "
+                                              "llama.gguf is llama") as refused:
+            run(model, load_recipe_ref("qwen35/UD-Q4_K_XL"))
+        assert refused.value.hint == "use llama/UD-Q4_K_XL or generic/UD-Q4_K_XL"
+    assert check(model, load_recipe_ref("llama/UD-Q4_K_XL")).total > 0
+    assert report_for_model(load_recipe_ref("generic/UD-Q4_K_XL"), model).counts
+
+
+def test_a_gguf_that_is_not_a_model_is_refused(tmp_path):
+    import pytest
+
+    from udquant.errors import InputError
+    from udquant.recipe import load_recipe_ref
+    from udquant.recipe_commands import check, report_for_model
+
+    imatrix = _write_gguf(tmp_path / "imatrix.gguf", "llama", kind="imatrix")
+    recipe = load_recipe_ref("generic/UD-Q4_K_XL")
+    with pytest.raises(InputError, match=r"imatrix.gguf: a GGUF file, but not a model \(general.type='imatrix'\)"):
+        report_for_model(recipe, imatrix)
+    with pytest.raises(InputError, match="not a model"):
+        check(imatrix, recipe)
+
+
+def test_a_tracked_list_that_cannot_be_used_is_refused_before_any_request(hub, tmp_path):
+    import pytest
+
+    from udquant.errors import InputError, RecipeError
+    from udquant.recipe_commands import refresh_recipes
+
+    good = "- {recipe: qwen35/UD-Q5_K_XL, repo: unsloth/Tiny-GGUF, file: '*UD-Q5_K_XL*'}\n"
+    cases = {
+        "rules: {\n  a: [1,\n": (RecipeError, "not valid YAML"),
+        "recipe: qwen35/UD-Q5_K_XL\n": (RecipeError, "a YAML list of templates, not a dict"),
+        "- qwen35/UD-Q5_K_XL\n": (RecipeError, "entry 1: a mapping with recipe, repo and file"),
+        good + "- {recipe: qwen35/UD-Q4_K_XL, repo: unsloth/Tiny-GGUF}\n": (RecipeError, "entry 2: needs file"),
+        good + "- {recipe: ../../../etc/x, repo: a/b, file: x}\n": (RecipeError, "is not a library id"),
+        good + "- {recipe: qwen35/x, repo: 'not a repo', file: x}\n": (RecipeError, "is not a Hub repo id"),
+        good + "- {recipe: qwen35/x, repo: a/b, file: x, revison: main}\n": (RecipeError, "unknown keys revison"),
+        good + good: (RecipeError, "qwen35/UD-Q5_K_XL is tracked twice"),
+    }
+    tracked = tmp_path / "tracked.yaml"
+    for text, (kind, message) in cases.items():
+        tracked.write_text(text)
+        with pytest.raises(kind, match=message) as refused:
+            refresh_recipes(tracked)
+        assert str(tracked) in refused.value.message
+    with pytest.raises(InputError, match="nope.yaml: no such file"):
+        refresh_recipes(tmp_path / "nope.yaml")
+    with pytest.raises(InputError, match="is a directory"):
+        refresh_recipes(tmp_path)
+    assert hub.state.requests == []
+    tracked.write_text("# nothing tracked yet\n")
+    assert refresh_recipes(tracked) == []

@@ -5,7 +5,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
-from udquant.errors import CorruptGGUFError
+from udquant.errors import CorruptGGUFError, InputError
 from udquant.gguf_header import NeedMoreBytes, SkippedArray, ggml_type_name, parse_gguf_header, read_gguf_header
 
 
@@ -69,6 +69,22 @@ def test_not_a_gguf(tmp_path):
     path.write_bytes(b"GGUF\x03\0\0\0" + b"\xff" * 8)
     with pytest.raises(CorruptGGUFError, match="cut short"):
         read_gguf_header(path)
+
+
+def test_a_path_that_is_no_file_is_the_users_mistake_not_a_corrupt_gguf(tmp_path):
+    """Missing or a directory: exit 2 with what is wrong, not 'delete it and run again' (exit 6)."""
+    with pytest.raises(InputError, match="nope.gguf: no such file") as missing:
+        read_gguf_header(tmp_path / "nope.gguf")
+    assert not isinstance(missing.value, CorruptGGUFError)
+    with pytest.raises(InputError, match="is a directory") as folder:
+        read_gguf_header(tmp_path)
+    assert not isinstance(folder.value, CorruptGGUFError)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(InputError, match="cannot be opened"):
+        read_gguf_header(tmp_path / "file" / "m.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")  # an existing file that is no GGUF stays corrupt
+    with pytest.raises(CorruptGGUFError):
+        read_gguf_header(tmp_path / "empty.gguf")
 
 
 def test_type_names_are_llama_cpp_spelling():

@@ -1,4 +1,5 @@
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
-from tests.layouts import header_of, llama_layout
+from tests.layouts import header_of, llama_layout, qwen35_layout
 from udquant.errors import ImatrixMismatchError, InputError
 from udquant.imatrix import check_imatrix_fits, read_imatrix
 
@@ -38,7 +39,7 @@ def write_gguf_imatrix(path: Path, entries: dict[str, int], *, matrices: int = 1
 
 
 MODEL = header_of(llama_layout())
-GOOD = {"blk.0.attn_q.weight": 256, "blk.0.ffn_down.weight": 512}
+GOOD = {"blk.0.attn_q.weight": 256, "blk.0.ffn_down.weight": 512} | {f"blk.{i}.attn_k.weight": 256 for i in range(4)}
 
 
 @pytest.mark.parametrize("fmt", ["dat", "gguf"])
@@ -109,7 +110,7 @@ def test_a_gguf_imatrix_without_its_metadata_is_refused(tmp_path):
 
 @pytest.mark.parametrize(("fmt", "fits"), [("gguf", True), ("gguf", False), ("dat", True), ("dat", False)])
 def test_expert_entries_need_a_row_per_expert(tmp_path, fmt, fits):
-    moe = header_of([*llama_layout(), ("blk.0.ffn_down_exps.weight", (512, 256, 8), T.BF16)])
+    moe = header_of([*llama_layout(n_layers=1), ("blk.0.ffn_down_exps.weight", (512, 256, 8), T.BF16)])
     path = tmp_path / f"m.{fmt}"
     if fmt == "gguf":
         write_gguf_imatrix(path, {"blk.0.ffn_down_exps.weight": 512}, matrices=8 if fits else 1)
@@ -122,3 +123,34 @@ def test_expert_entries_need_a_row_per_expert(tmp_path, fmt, fits):
     with pytest.raises(ImatrixMismatchError) as err:
         check_imatrix_fits(imatrix, moe)
     assert "blk.0.ffn_down_exps.weight: imatrix holds 512 values, llama-quantize needs 512 x 8" in str(err.value)
+
+
+def test_an_imatrix_of_a_shallower_model_is_refused(tmp_path):
+    """Same tensor widths, two layers more: the last layers would be quantized with no importance data."""
+    path = tmp_path / "m.gguf"
+    write_gguf_imatrix(path, {f"blk.{i}.{kind}.weight": width for i in range(4)
+                              for kind, width in (("attn_q", 256), ("ffn_down", 512))})
+    with pytest.raises(ImatrixMismatchError) as err:
+        check_imatrix_fits(read_imatrix(path), header_of(llama_layout(n_layers=6)))
+    assert "m.gguf has no entries for 2 of this model's layers" in str(err.value)
+    assert err.value.tensors == [
+        f"blk.{i}: none of its 7 matrices (attn_q, attn_k, attn_v, attn_output, ffn_down, ffn_gate, ffn_up)"
+        for i in (4, 5)]
+    check_imatrix_fits(read_imatrix(path), header_of(llama_layout(n_layers=4)))
+
+
+def test_layers_without_entries_by_design_are_not_missing(tmp_path):
+    """Norms, convolutions and token_embd never get entries, nor an MTP layer without --nextn; one
+    entry in a layer is enough (which matrices a layer multiplies depends on the architecture)."""
+    layout = qwen35_layout(n_layers=4, hidden=64, ffn=128, vocab=256)
+    layout += [("blk.4.nextn.eh_proj.weight", (128, 64), T.BF16), ("blk.4.attn_q.weight", (64, 128), T.BF16),
+               ("blk.4.attn_norm.weight", (64,), T.F32)]
+    model = replace(header_of(layout), metadata={"general.architecture": "qwen35", "qwen35.block_count": 5,
+                                                 "qwen35.nextn_predict_layers": 1})
+    path = tmp_path / "m.gguf"
+    write_gguf_imatrix(path, {f"blk.{i}.ffn_down.weight": 128 for i in range(4)})
+    check_imatrix_fits(read_imatrix(path), model)
+    write_gguf_imatrix(path, {f"blk.{i}.ffn_down.weight": 128 for i in range(3)})
+    with pytest.raises(ImatrixMismatchError) as err:
+        check_imatrix_fits(read_imatrix(path), model)
+    assert [line.split(":")[0] for line in err.value.tensors] == ["blk.3"]

@@ -9,9 +9,12 @@ import pytest
 
 from udquant.errors import InputError
 from udquant.job import _estimate_bytes
-from udquant.output import check_out_dir, kept_levels, kept_mmproj
+from udquant.out_dir import check_out_dir, output_file_names
+from udquant.output import ImatrixUse, LevelOutput, kept_levels, kept_mmproj, write_outputs
 from udquant.recipe import find_recipe
 from udquant.resolve import ModelInfo
+from udquant.toolchain import Toolchain
+from udquant.verify import Verification
 
 
 def model(local_dir: Path | None = None, weight_names: tuple[str, ...] = (), n_params: int = 1000) -> ModelInfo:
@@ -23,8 +26,8 @@ def model(local_dir: Path | None = None, weight_names: tuple[str, ...] = (), n_p
 
 def test_an_out_dir_inside_the_model_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="is inside the model folder"):
-        check_out_dir(tmp_path / "quants", model(local_dir=tmp_path))
-    check_out_dir(tmp_path.parent / "elsewhere", model(local_dir=tmp_path))
+        check_out_dir(tmp_path / "model" / "quants", model(local_dir=tmp_path / "model"))
+    check_out_dir(tmp_path / "elsewhere", model(local_dir=tmp_path / "model"))
 
 
 def test_a_card_or_results_udquant_did_not_write_for_this_model_are_never_replaced(tmp_path):
@@ -33,11 +36,103 @@ def test_a_card_or_results_udquant_did_not_write_for_this_model_are_never_replac
         check_out_dir(tmp_path, model())
     (tmp_path / "README.md").write_text("---\nquantized_by: udquant\n---\n# M UD GGUF\n")
     check_out_dir(tmp_path, model())  # udquant's own card: a rerun replaces it
-    (tmp_path / "udquant-result.json").write_text(json.dumps({"inputs": {"source": "other/M"}}))
+    (tmp_path / "udquant-result.json").write_text(json.dumps(result_json("other/M")))
     with pytest.raises(InputError, match="holds udquant's results for other/M, not for o/M"):
         check_out_dir(tmp_path, model())
-    (tmp_path / "udquant-result.json").write_text(json.dumps({"inputs": {"source": "o/M"}}))
+    (tmp_path / "udquant-result.json").write_text(json.dumps(result_json("o/M")))
     check_out_dir(tmp_path, model())
+
+
+def result_json(source: str, levels: tuple[str, ...] = (), **extra: object) -> dict[str, object]:
+    return {"udquant_version": "0.1.0", "inputs": {"source": source},
+            "levels": [{"level": lv, "file": f"M-{lv}.gguf", "recipe": {"file": f"M-{lv}.recipe.yaml"}}
+                       for lv in levels], **extra}
+
+
+@pytest.mark.parametrize("text", ['{"inputs": {"source": "o/M"}}', '{"mine": 1}', "[1, 2]", "not json"])
+def test_a_result_json_udquant_did_not_write_is_never_replaced(tmp_path, text):
+    (tmp_path / "udquant-result.json").write_text(text)
+    with pytest.raises(InputError, match="udquant-result.json was not written by udquant and would be replaced"):
+        check_out_dir(tmp_path, model())
+
+
+def test_files_udquant_would_write_are_replaced_only_when_udquant_wrote_them(tmp_path):
+    names = output_file_names(model(), ["UD-Q5_K_XL"], mmproj=True, plot=True)
+    assert names == ["M-UD-Q5_K_XL.gguf", "M-UD-Q5_K_XL.recipe.yaml", "mmproj-M-F16.gguf", "kld-vs-bpw.png"]
+    (tmp_path / "M-UD-Q5_K_XL.gguf").write_text("my own gguf")
+    (tmp_path / "kld-vs-bpw.png").write_text("my plot")
+    (tmp_path / "notes.txt").write_text("mine, but not in the way")
+    with pytest.raises(InputError) as err:
+        check_out_dir(tmp_path, model(), file_names=names)
+    assert "holds files udquant did not write and would replace: M-UD-Q5_K_XL.gguf, kld-vs-bpw.png" in str(err.value)
+    # The files a udquant result of this model lists are its own, and so are those of a run killed while writing.
+    (tmp_path / "udquant-result.json").write_text(json.dumps(result_json("o/M", ("UD-Q5_K_XL",), eval=[{}])))
+    check_out_dir(tmp_path, model(), file_names=names)
+    (tmp_path / "udquant-result.json").write_text(json.dumps(result_json("o/M", ("UD-Q4_K_XL",))))
+    with pytest.raises(InputError, match="would replace: M-UD-Q5_K_XL.gguf, kld-vs-bpw.png"):
+        check_out_dir(tmp_path, model(), file_names=names)
+    (tmp_path / ".udquant-writing.json").write_text(json.dumps({"source": "o/M", "files": names}))
+    check_out_dir(tmp_path, model(), file_names=names)
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/sub", "/proc/udquant-test/sub"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, where):
+    (tmp_path / "afile").write_text("x")
+    out_dir = tmp_path / where
+    message = {"afile": "is a file, not a folder", "afile/sub": f"cannot be created: {tmp_path / 'afile'} is a file",
+               "/proc/udquant-test/sub": "cannot be created: No such file or directory"}[where]
+    with pytest.raises(InputError, match=message):
+        check_out_dir(out_dir, model())
+
+
+def test_checking_an_out_dir_leaves_no_trace(tmp_path):
+    check_out_dir(tmp_path / "a" / "b", model())
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out" / "README.md").mkdir(parents=True)
+    with pytest.raises(InputError, match="holds folders where udquant writes files: README.md"):
+        check_out_dir(tmp_path / "out", model())
+
+
+def level_output(tmp_path: Path, level: str) -> LevelOutput:
+    source = tmp_path / "work" / f"{level}.gguf"
+    source.parent.mkdir(exist_ok=True)
+    source.write_bytes(b"GGUF quant " + level.encode())
+    verification = Verification(source, {"q5_K": 2}, 2, 512, 352)
+    return LevelOutput(level, find_recipe(level, "llama"), source, verification)
+
+
+def test_a_rerun_replaces_what_udquant_wrote_and_clears_only_its_own_partials(tmp_path):
+    out = tmp_path / "out"
+    toolchain = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
+
+    def run(*levels: str) -> dict[str, object]:
+        names = output_file_names(model(), levels)
+        check_out_dir(out, model(), file_names=names)
+        write_outputs(out, model(), [level_output(tmp_path, lv) for lv in levels], ImatrixUse("none", None),
+                      toolchain, {})
+        return dict(json.loads((out / "udquant-result.json").read_text()))
+
+    out.mkdir()
+    dead = 2**22 + 12345  # above any pid the kernel hands out
+    mine = out / f"draft.partial-{dead}.txt"
+    mine.write_text("a user's draft")
+    stale = out / f"M-UD-Q5_K_XL.partial-{dead}.gguf"
+    stale.write_text("left by a killed run")
+    result = run("UD-Q5_K_XL")
+    assert mine.is_file() and not stale.exists()
+    assert result["out_dir_files"] == ["M-UD-Q5_K_XL.gguf", "M-UD-Q5_K_XL.recipe.yaml"]
+    assert not (out / ".udquant-writing.json").exists()
+    # Another level, then the first again: the first level's files stay udquant's.
+    assert run("UD-Q4_K_XL")["out_dir_files"] == ["M-UD-Q4_K_XL.gguf", "M-UD-Q4_K_XL.recipe.yaml",
+                                                  "M-UD-Q5_K_XL.gguf", "M-UD-Q5_K_XL.recipe.yaml"]
+    run("UD-Q5_K_XL")
+    assert (out / "M-UD-Q5_K_XL.gguf").read_bytes() == b"GGUF quant UD-Q5_K_XL"
+    # A user's file where a new level would go is not.
+    (out / "M-UD-Q6_K_XL.gguf").write_text("my own gguf")
+    with pytest.raises(InputError, match="would replace: M-UD-Q6_K_XL.gguf"):
+        run("UD-Q6_K_XL")
+    assert (out / "M-UD-Q6_K_XL.gguf").read_text() == "my own gguf"
+    assert mine.read_text() == "a user's draft"
 
 
 def test_the_disk_estimate_counts_the_split_copy_of_large_levels():

@@ -291,15 +291,15 @@ def test_quantize_defaults_reach_the_job(tmp_path):
     docker_options, image, job_args = split_docker_run(docker_argv(tmp_path))
     assert image == "ghcr.io/owner/udquant-job:latest"
     assert {"--rm", "--init", "--gpus", "all", "udquant-data:/data"} <= set(docker_options)
-    assert job_args == ["owner/Distill-7B", "--quant", "UD-Q5_K_XL", "--imatrix", "compute", "--upload"]
+    # No --quant: the job makes UD-Q5_K_XL, or a named recipe's own level.
+    assert job_args == ["owner/Distill-7B", "--imatrix", "compute", "--upload"]
     args = parse_job_args(job_args)
-    assert (args.source, args.levels, args.imatrix, args.upload) == ("owner/Distill-7B", ["UD-Q5_K_XL"], "compute",
-                                                                     True)
+    assert (args.source, args.levels, args.imatrix, args.upload) == ("owner/Distill-7B", None, "compute", True)
     assert done.stdout.splitlines()[-1] == RESULT_LINE
 
 
 def test_quantize_inputs_reach_the_job(tmp_path):
-    inputs = {"repo": "owner/Distill-7B", "levels": "UD-Q5_K_XL  UD-Q4_K_XL", "imatrix": "none",
+    inputs = {"repo": "owner/Distill-7B", "levels": " UD-Q4_K_XL ", "imatrix": "none",
               "recipe": "recipes/generic/UD-Q4_K_XL.yaml", "private": True, "eval": True, "image-tag": "0.1.0"}
     done = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path, inputs)
     assert done.returncode == 0, done.stderr
@@ -308,16 +308,23 @@ def test_quantize_inputs_reach_the_job(tmp_path):
     assert f"{ROOT}/recipes/generic/UD-Q4_K_XL.yaml:/run/udquant/recipe.yaml:ro" in docker_options
     assert "--private" in job_args
     args = parse_job_args(job_args)
-    assert args.levels == ["UD-Q5_K_XL", "UD-Q4_K_XL"]
+    assert args.levels == ["UD-Q4_K_XL"]
     assert (args.imatrix, str(args.recipe)) == ("none", "/run/udquant/recipe.yaml")
     assert (args.private, args.evaluate) == (True, True)
     public = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path,
-                      {**inputs, "private": False, "eval": False, "recipe": "qwen35/UD-Q5_K_XL"})
+                      {**inputs, "levels": "UD-Q5_K_XL  UD-Q4_K_XL", "private": False, "eval": False,
+                       "recipe": "auto"})
     assert public.returncode == 0
     _, _, job_args = split_docker_run(docker_argv(tmp_path))
     assert "--private" not in job_args and "--eval" not in job_args
     args = parse_job_args(job_args)
-    assert (args.recipe, args.private, args.evaluate) == ("qwen35/UD-Q5_K_XL", False, False)
+    assert (args.recipe, args.levels, args.private, args.evaluate) == ("auto", ["UD-Q5_K_XL", "UD-Q4_K_XL"], False,
+                                                                         False)
+    library = run_step(step_named(load_workflow(QUANTIZE), "Run the job"), tmp_path,
+                       {**inputs, "levels": "", "recipe": "qwen35/UD-Q5_K_XL"})
+    assert library.returncode == 0
+    args = parse_job_args(split_docker_run(docker_argv(tmp_path))[2])
+    assert (args.recipe, args.levels) == ("qwen35/UD-Q5_K_XL", None)  # the recipe's own level
 
 
 @pytest.mark.parametrize("repo", [
@@ -334,7 +341,7 @@ def test_quantize_accepts_exactly_the_repo_ids_the_job_does(tmp_path, repo):
 @pytest.mark.parametrize(("inputs", "ok"), [
     ({"levels": "UD-Q5_K_XL UD-Q4_K_XL"}, True),
     ({"levels": "UD-Q5_K_XL --private"}, False),
-    ({"levels": "  "}, False),
+    ({"levels": "  "}, True),  # none: the recipe's own level
     ({"imatrix": "/data/imatrix/Distill.imatrix.gguf"}, True),
     ({"imatrix": "/etc/passwd"}, False),
     ({"imatrix": "/data/../etc/passwd"}, False),

@@ -51,3 +51,32 @@ def test_scopes_named_only_by_id_are_left_to_the_hub(hub):
     hub.state.tokens[FINE] = "tester"
     hub.state.fine_grained[FINE] = [{"entity": {"type": "user", "_id": "0" * 24}, "permissions": ["repo.write"]}]
     assert target(FINE).repo_id == "tester/M-UD-GGUF"
+
+
+def test_a_bad_output_repo_is_refused_before_any_request(hub):
+    with pytest.raises(InputError, match="'alice/x y' is neither"):
+        target("hf_test_token_owner", "alice/x y")
+    assert hub.state.requests == []
+
+
+def test_a_refused_token_is_told_apart_from_no_answer_and_offline_mode(hub, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from udquant.errors import HubError
+
+    with pytest.raises(HubError, match=r"the Hub refused the token in HF_TOKEN \(HTTP 401\)"):
+        target("hf_garbage")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="uploading needs the Hub, and HF_HUB_OFFLINE is set") as offline:
+        target("hf_garbage")
+    assert "refused the token" not in str(offline.value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once the probe is closed
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    with pytest.raises(HubError, match=f"cannot reach the Hub at {closed} to check the token") as unanswered:
+        target("hf_garbage")
+    assert "refused the token" not in str(unanswered.value)

@@ -1,5 +1,6 @@
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,14 +8,16 @@ import yaml
 from gguf import GGMLQuantizationType as T
 
 from tests.layouts import header_of, llama_layout, qwen35_layout
-from udquant.errors import RecipeError
+from udquant.errors import InputError, RecipeError
 from udquant.gguf_header import TensorInfo
+from udquant.job import JobOptions, run_job
 from udquant.quantize import check_imatrix_coverage
 from udquant.recipe import (
     check_fallbacks,
     find_recipe,
     is_quantizable,
     load_recipe,
+    load_recipe_ref,
     parse_recipe,
     plan_quantization,
     use_more_bits,
@@ -180,6 +183,33 @@ def test_layer_lists_pick_exact_layers():
 def test_unknown_level_lists_the_library():
     with pytest.raises(RecipeError, match="levels in the library: .*UD-Q5_K_XL"):
         find_recipe("UD-Q9", "llama")
+
+
+@pytest.mark.parametrize("level", ["../llama/UD-Q4_K_XL", "UD-Q4_K_XL/../../x", ".hidden", ""])
+def test_level_names_cannot_reach_outside_the_library(level):
+    with pytest.raises(InputError, match="is not a level name"):
+        find_recipe(level, "generic")
+
+
+@pytest.mark.parametrize("ref", ["generic/../llama/UD-Q4_K_XL", "../recipes/llama/UD-Q4_K_XL",
+                                 "owner/llama/UD-Q4_K_XL"])
+def test_library_ids_are_arch_slash_level_only(ref):
+    with pytest.raises(RecipeError, match="no recipe file or library id"):
+        load_recipe_ref(ref)
+    assert load_recipe_ref("llama/UD-Q4_K_XL").level == "UD-Q4_K_XL"
+
+
+def test_a_recipe_refuses_quant_levels_other_than_its_own_even_the_default_level(tmp_path: Path):
+    """--quant UD-Q5_K_XL (the default level) given with a UD-Q4_K_XL recipe is refused, not taken for "not
+    given"; without --quant the recipe's level is made. Both are decided before the model is looked at."""
+    options = JobOptions(source=str(tmp_path / "no-model"), recipe="llama/UD-Q4_K_XL", work_dir=tmp_path / "work")
+    for levels in [("UD-Q5_K_XL",), ("UD-Q4_K_XL", "UD-Q5_K_XL")]:
+        with pytest.raises(InputError, match="--recipe llama/UD-Q4_K_XL makes UD-Q4_K_XL, and --quant asks for "
+                                             f"{', '.join(levels)}"):
+            run_job(replace(options, levels=levels))
+    for levels in [None, ("UD-Q4_K_XL",)]:
+        with pytest.raises(InputError, match="no such directory"):  # past the recipe check, on to the model
+            run_job(replace(options, levels=levels))
 
 
 def test_recipe_file_errors(tmp_path: Path):

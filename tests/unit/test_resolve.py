@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,63 @@ def test_broken_config_and_weights(tmp_path):
         resolve_model(str(path))
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    (["LlamaForCausalLM"], "config.json is not a JSON object but a list"),
+    ({"architectures": "LlamaForCausalLM"}, "'architectures' must be a list of class names, not 'LlamaForCausalLM'"),
+    ({"architectures": [1]}, "'architectures' must be a list of class names"),
+    ({"architectures": ["LlamaForCausalLM"], "num_nextn_predict_layers": "one"},
+     "config.json: num_nextn_predict_layers must be a whole number of layers, not 'one'"),
+    ({"architectures": ["LlamaForCausalLM"], "text_config": {"mtp_num_hidden_layers": 1.5}},
+     "config.json: text_config: mtp_num_hidden_layers must be a whole number of layers, not 1.5"),
+    ({"architectures": ["LlamaForCausalLM"], "text_config": "none"}, "'text_config' must be a JSON object"),
+])
+def test_malformed_config_names_the_key(tmp_path, config, message):
+    path = make_model(tmp_path / "m", {})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        resolve_model(str(path))
+    assert str(path) in err.value.message
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ([1, 2], "its header is not a JSON object"),
+    ({"w": {"dtype": "BF16", "data_offsets": [0, 2]}}, "the safetensors header's entry for 'w' needs 'shape'"),
+    ({"w": {"dtype": "BF16", "shape": [1], "data_offsets": [0]}}, "entry for 'w' needs 'shape' and 'data_offsets'"),
+    ({"w": {"dtype": "BF16", "shape": ["1"], "data_offsets": [0, 2]}}, "entry for 'w' needs"),
+    ({"w": "BF16"}, "entry for 'w' needs"),
+])
+def test_malformed_safetensors_header_is_refused(tmp_path, header, message):
+    path = make_model(tmp_path / "m", {"architectures": ["LlamaForCausalLM"]})
+    data = json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(data)) + data + b"\0" * 64)
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        resolve_model(str(path))
+    assert "model.safetensors" in err.value.message
+
+
+def test_truncated_safetensors_are_refused_before_the_converter_sees_them(tmp_path):
+    path = make_model(tmp_path / "m", {"architectures": ["LlamaForCausalLM"]}, {"a": [16, 8], "b": [16]})
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-1])
+    with pytest.raises(InputError, match=f"truncated: {len(whole) - 1:,} bytes, its header describes {len(whole):,}"):
+        resolve_model(str(path))
+    weights.write_bytes(whole + b"\0")  # room to spare is fine
+    assert resolve_model(str(path)).n_params == 16 * 8 + 16
+
+
+def test_a_home_folder_of_no_user_or_an_impossible_name_is_bad_input():
+    with pytest.raises(InputError, match="'~nobody_udquant_knows' names no user of this machine"):
+        resolve_model("~nobody_udquant_knows/model")
+    with pytest.raises(InputError, match="is neither an existing directory nor a Hugging Face repo id"):
+        resolve_model("a" * 300)  # too long a name for the file system to say it does not exist
+
+
+def test_an_output_repo_is_named_in_its_error():
+    with pytest.raises(InputError, match=r"--output-repo 'bad repo!!' is not a Hugging Face repo id"):
+        validate_repo_id("bad repo!!", "--output-repo")
+
+
 QWEN35 = "Qwen3_5ForConditionalGeneration"
 TEXT = {"model.language_model.embed_tokens.weight": [16, 8]}
 
@@ -118,9 +177,12 @@ def test_architectures_without_mtp_never_need_no_mtp_and_refuse_it(tmp_path):
     with pytest.raises(InputError, match="--no-mtp does not apply to Qwen3ForCausalLM") as err:
         check_mtp_option(model, True)
     assert err.value.exit_code == 2
+    with pytest.raises(InputError, match="--mtp does not apply to Qwen3ForCausalLM"):  # nothing to keep either
+        check_mtp_option(model, False)
     check_mtp_option(model, None)
-    check_mtp_option(model, False)
-    check_mtp_option(resolve_model(str(make_model(tmp_path / "q35", {"architectures": [QWEN35]}))), True)
+    qwen35 = resolve_model(str(make_model(tmp_path / "q35", {"architectures": [QWEN35]})))
+    check_mtp_option(qwen35, True)
+    check_mtp_option(qwen35, False)
 
 
 def test_cli_refuses_no_mtp_for_llama_before_any_work(tmp_path):

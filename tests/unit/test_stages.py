@@ -1,7 +1,9 @@
 """Command lines are pure functions; the runner, work dirs and disk checks on real files."""
 
+import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,15 +17,17 @@ import pytest
 from tests.fakes.hub_models import safetensors_header_only
 from tests.layouts import header_of, llama_layout
 from udquant import toolchain as toolchain_module
+from udquant.cli import add_job_arguments, options_from_args
 from udquant.convert import build_convert_args, build_mmproj_check_args, check_mmproj_pair, projector_margin_mib
-from udquant.errors import DiskSpaceError, ToolchainError, ToolError
+from udquant.errors import DiskSpaceError, InputError, ToolchainError, ToolError
 from udquant.fetch import check_disk_space
 from udquant.imatrix import ImatrixSettings, build_imatrix_args
+from udquant.job import JobOptions, run_job
 from udquant.quantize import build_quantize_args
 from udquant.recipe import find_recipe, plan_quantization
 from udquant.runner import run_tool
 from udquant.toolchain import TOOLS, Toolchain, find_toolchain, load_toolchain, warn_if_gpu_unused
-from udquant.workdir import atomic_output, open_stage, remove_stale_partials
+from udquant.workdir import atomic_output, check_work_dir, open_stage, remove_stale_partials
 
 TOOLCHAIN = Toolchain(Path("/tc"), "b11434", "abc", "cpu", "pypi", "d" * 64)
 
@@ -321,6 +325,86 @@ def test_partial_names_are_recognised_as_stale(tmp_path):
     assert kept.exists()
     remove_stale_partials(tmp_path)
     assert not kept.exists()
+
+
+def test_a_work_dir_where_a_file_is_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for work in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(InputError, match=f"--work-dir {work}: {tmp_path / 'afile'} is a file, not a folder"):
+            run_job(JobOptions(source=str(tmp_path / "no-model"), work_dir=work))
+    check_work_dir(tmp_path / "not" / "yet")  # folders still to be made are fine
+
+
+def _job_options(*argv: str) -> JobOptions:
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    return options_from_args(parser.parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--split-size-gb", "nan"], "--split-size-gb: 'nan' is not a size in GB (a finite number > 0)"),
+    (["--split-size-gb", "0"], "--split-size-gb: '0' is not a size in GB (a finite number > 0)"),
+    (["--split-size-gb", "1e300"], "--split-size-gb: '1e300' is not a size in GB"),
+    (["--disk-reserve-gb", "nan"], "--disk-reserve-gb: 'nan' is not a size in GB (a finite number >= 0)"),
+    (["--disk-reserve-gb", "-1"], "--disk-reserve-gb: '-1' is not a size in GB"),
+    (["--disk-reserve-gb", "lots"], "--disk-reserve-gb: 'lots' is not a size in GB"),
+])
+def test_sizes_must_be_finite_and_not_negative(argv, message, capsys):
+    with pytest.raises(SystemExit) as done:
+        _job_options("./m", *argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert _job_options("./m", "--disk-reserve-gb", "0", "--split-size-gb", "0.5").disk_reserve == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--calibration", "TMP/nope.txt"], "--calibration TMP/nope.txt: no such file"),
+    (["--calibration", "TMP/empty.txt"], "--calibration TMP/empty.txt: the file is empty"),
+    (["--imatrix", "none", "--calibration", "TMP/text.txt"],
+     "--calibration only applies when the imatrix is computed, not with --imatrix none"),
+    (["--imatrix", "TMP/text.txt", "--imatrix-chunks", "4", "--imatrix-context", "128"],
+     "--imatrix-chunks, --imatrix-context only apply when the imatrix is computed"),
+    (["--quant", "UD-Q4_K_XL", "--quant", "UD-Q5_K_XL", "--quant", "UD-Q4_K_XL"],
+     "--quant UD-Q4_K_XL is given more than once"),
+    (["--quant", "../llama/UD-Q4_K_XL"], "--quant '../llama/UD-Q4_K_XL' is not a level name"),
+    (["--output-repo", "bad repo!!"], "--output-repo 'bad repo!!' is not a Hugging Face repo id"),
+    (["--private"], "--private only applies with --upload"),
+    (["--private", "--no-upload"], "--private only applies with --upload"),
+    (["--revision", "main"], "--revision applies to a Hub repo, not to the local folder ./m"),
+])
+def test_job_options_that_cannot_apply_are_refused(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setenv("HF_TOKEN", "hf_token")
+    (tmp_path / "empty.txt").touch()
+    (tmp_path / "text.txt").write_text("text")
+    with pytest.raises(InputError, match=re.escape(message.replace("TMP", str(tmp_path)))):
+        _job_options("./m", *[arg.replace("TMP", str(tmp_path)) for arg in argv])
+
+
+def test_job_options_as_given(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (tmp_path / "text.txt").write_text("text")
+    options = _job_options("./m", "--calibration", str(tmp_path / "text.txt"), "--imatrix-chunks", "4")
+    assert options.levels is None and options.calibration == tmp_path / "text.txt"  # auto computes for a folder
+    assert _job_options("./m", "--quant", "UD-Q4_K_XL", "--quant", "UD-Q5_K_XL").levels == ("UD-Q4_K_XL",
+                                                                                          "UD-Q5_K_XL")
+    assert _job_options("./m", "--private", "--upload").private
+    with pytest.raises(InputError, match="--private only applies with --upload") as err:
+        _job_options("owner/Distill", "--private")
+    assert "set HF_TOKEN" in str(err.value.hint)
+    monkeypatch.setenv("HF_TOKEN", "hf_token")  # a Hub repo with a token uploads by default
+    assert _job_options("owner/Distill", "--private", "--revision", "main").private
+
+
+def test_output_files_that_cannot_be_written_are_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    runs = [(["eval", "a.gguf", "b.gguf", "--json", "afile/x.json"], "--json afile/x.json: afile is a file"),
+            (["eval", "a.gguf", "b.gguf", "--plot", "afile/x.png"], "--plot afile/x.png: afile is a file"),
+            (["recipe", "extract", "x.gguf", "-o", "afile/x.yaml"], "--output afile/x.yaml: afile is a file"),
+            (["recipe", "extract", "x.gguf", "-o", "."], "--output . is a folder, not a file")]
+    env = {**os.environ, "UDQUANT_LLAMA_CPP": str(tmp_path / "no-toolchain")}
+    for argv, message in runs:
+        done = subprocess.run([str(Path(sys.executable).parent / "udquant"), *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_disk_space(tmp_path):

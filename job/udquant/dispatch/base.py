@@ -14,12 +14,14 @@ from typing import Literal, Protocol
 from udquant import __version__
 from udquant.errors import InputError, UdquantError
 from udquant.library import recipes_dir
+from udquant.recipe import load_recipe
 from udquant.resolve import validate_repo_id
 
 BACKENDS = ("hf-jobs", "docker", "github")
 IMATRIX_CHOICES = ("auto", "compute", "none")
 IMAGE_REPOSITORY = "ghcr.io/udquant/udquant-job"
 OUTPUT_SUFFIX = "-UD-GGUF"
+DEFAULT_LEVEL = "UD-Q5_K_XL"  # what a request makes when it names no level and no recipe
 _LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RECIPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # registry[:port]/path[:tag][@digest], lower-case path components as OCI references require.
@@ -68,15 +70,23 @@ def _check_levels(levels: tuple[str, ...]) -> None:
         raise InputError("a level is named twice")
 
 
-def _check_recipe(recipe: str, levels: tuple[str, ...]) -> None:
-    if recipe == "auto":
-        return
+def recipe_level(recipe: str) -> str:
+    """The level a library recipe makes (its file names and the job's --quant)."""
     # Only library ids: a path on this machine means nothing on the machine that runs the job.
     if not _RECIPE_ID.match(recipe) or ".." in recipe or not (recipes_dir() / f"{recipe}.yaml").is_file():
         raise InputError(f"recipe {recipe!r} is not in the library",
                          hint="use 'auto' or a library id such as generic/UD-Q5_K_XL")
-    if len(levels) != 1:
-        raise InputError("a named recipe makes one level; give one --quant level with --recipe")
+    return load_recipe(recipes_dir() / f"{recipe}.yaml").level
+
+
+def _check_recipe(recipe: str, levels: tuple[str, ...]) -> None:
+    """A named recipe makes its own level, and only that: the job refuses any other --quant with it."""
+    if recipe == "auto":
+        return
+    level = recipe_level(recipe)
+    if levels != (level,):
+        raise InputError(f"recipe {recipe} makes {level}, and --quant asks for {', '.join(levels)}",
+                         hint=f"give --recipe alone, or with --quant {level}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ class DispatchRequest:
     # Named by the user: the job publishes there even into a repo udquant did not make. The default
     # name, known to the dispatcher for the result link, is left to the job, which refuses such a repo.
     output_repo_named: bool = False
-    levels: tuple[str, ...] = ("UD-Q5_K_XL",)
+    levels: tuple[str, ...] = (DEFAULT_LEVEL,)
     recipe: str = "auto"
     imatrix: str = "auto"
     private: bool = False
@@ -109,11 +119,16 @@ class DispatchRequest:
             raise InputError(f"{self.image!r} is not an image reference (registry/name:tag)")
 
 
-def make_request(repo_id: str, namespace: str | None, *, levels: Iterable[str] = ("UD-Q5_K_XL",), recipe: str = "auto",
+def make_request(repo_id: str, namespace: str | None, *, levels: Iterable[str] | None = None, recipe: str = "auto",
                  imatrix: str = "auto", private: bool = False, output_repo: str | None = None,
                  image: str | None = None, evaluate: bool = False) -> DispatchRequest:
-    """A request whose output repo defaults to <namespace>/<Name>-UD-GGUF when the namespace is known."""
+    """A request whose output repo defaults to <namespace>/<Name>-UD-GGUF when the namespace is known.
+
+    levels None means none given: the named recipe's level, else DEFAULT_LEVEL.
+    """
     validate_repo_id(repo_id)
+    if levels is None:
+        levels = (DEFAULT_LEVEL,) if recipe == "auto" else (recipe_level(recipe),)
     named = output_repo is not None
     if output_repo is None and namespace is not None:
         output_repo = output_repo_for(repo_id, namespace)

@@ -6,6 +6,7 @@ Tokens come only from the environment (HF_TOKEN, GITHUB_TOKEN), never from the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -13,10 +14,12 @@ import sys
 import time
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+from udquant.arguments import finite_number, whole_number
 from udquant.dispatch.base import (
     BACKENDS,
+    DEFAULT_LEVEL,
     IMATRIX_CHOICES,
     Backend,
     DispatchError,
@@ -25,6 +28,7 @@ from udquant.dispatch.base import (
     JobStatus,
     check_upload_target,
     make_request,
+    output_repo_for,
 )
 from udquant.dispatch.job_command import default_image
 from udquant.errors import InputError
@@ -33,7 +37,6 @@ from udquant.resolve import validate_repo_id
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEVEL = "UD-Q5_K_XL"
 POLL_RETRIES = 5  # failed status looks in a row that --wait tolerates (network, 429, 5xx)
 
 
@@ -46,11 +49,19 @@ def _env_token(name: str, backend: str) -> str:
 
 
 def _namespace(token: str) -> str:
+    """The token's user name. Only an HTTP 401 or 403 is a refused token."""
     try:
         return str(HfApi(token=token).whoami()["name"])
     except HfHubHTTPError as err:
-        raise DispatchError("hub", "whoami failed: the Hub did not accept HF_TOKEN",
-                            status_code=err.response.status_code, hint="check HF_TOKEN") from None
+        status = err.response.status_code
+        if status in (401, 403):
+            raise DispatchError("hub", f"whoami failed: the Hub did not accept HF_TOKEN (HTTP {status})",
+                                status_code=status, hint="check HF_TOKEN") from None
+        raise DispatchError("hub", f"whoami failed: the Hub answered HTTP {status}", status_code=status,
+                            hint="try again later") from None
+    except OfflineModeIsEnabled:
+        raise DispatchError("hub", "whoami failed: HF_HUB_OFFLINE is set, and dispatching needs the Hub",
+                            hint="unset HF_HUB_OFFLINE") from None
     except NO_ANSWER as err:
         raise DispatchError("hub", f"whoami failed: cannot reach the Hub ({type(err).__name__}: {err})",
                             hint="check the network, or HF_ENDPOINT") from None
@@ -75,23 +86,20 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 
 def request_from_args(args: argparse.Namespace) -> DispatchRequest:
-    validate_repo_id(args.repo)  # input first, before any token or network
-    namespace = None
-    if args.backend != "github" and not args.output_repo:
-        namespace = _namespace(_env_token("HF_TOKEN", args.backend))
+    """The validated request; all input (repo, levels, recipe, imatrix, image, token) is checked before the
+    one Hub request here, the whoami that names the default output repo."""
+    validate_repo_id(args.repo)
     if args.backend == "github" and args.output_repo:
         raise InputError("--output-repo is not available with --backend github: the workflow uploads to the "
                          "runner token's <namespace>/<Name>-UD-GGUF")
-    return make_request(args.repo, namespace, levels=args.levels or (DEFAULT_LEVEL,), recipe=args.recipe,
-                        imatrix=args.imatrix, private=args.private, output_repo=args.output_repo, image=args.image,
-                        evaluate=args.evaluate)
-
-
-def _minutes(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of minutes")
-    return value
+    # No --quant is not the default level: with --recipe it is the recipe's level.
+    request = make_request(args.repo, None, levels=args.levels, recipe=args.recipe, imatrix=args.imatrix,
+                           private=args.private, output_repo=args.output_repo, image=args.image,
+                           evaluate=args.evaluate)
+    if args.backend == "github" or args.output_repo:
+        return request
+    namespace = _namespace(_env_token("HF_TOKEN", args.backend))
+    return dataclasses.replace(request, output_repo=output_repo_for(args.repo, namespace))
 
 
 def _job_timeout(text: str) -> str:
@@ -181,7 +189,7 @@ def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("repo", help="Hub repo id of the distill (owner/name)")
     parser.add_argument("--backend", required=True, choices=BACKENDS)
     parser.add_argument("--quant", dest="levels", action="append", metavar="LEVEL",
-                        help=f"level to make, repeatable (default: {DEFAULT_LEVEL})")
+                        help=f"level to make, repeatable (default: the --recipe's level, else {DEFAULT_LEVEL})")
     parser.add_argument("--recipe", default="auto", metavar="auto|ID", help="auto or a library recipe id")
     parser.add_argument("--imatrix", default="auto", choices=IMATRIX_CHOICES,
                         help="auto: the distill's own published imatrix, else computed on the GPU (default)")
@@ -199,10 +207,12 @@ def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--github-api", default=os.environ.get("GITHUB_API_URL", "https://api.github.com"),
                         help="github: API base URL (default: $GITHUB_API_URL or https://api.github.com)")
     parser.add_argument("--wait", action="store_true", help="follow the job; print the output repo's URL at the end")
-    parser.add_argument("--poll", type=float, default=15.0, help="seconds between status checks with --wait")
-    parser.add_argument("--wait-timeout", type=_minutes, metavar="MINUTES",
+    parser.add_argument("--poll", type=finite_number("a number of seconds", above=0), default=15.0,
+                        help="seconds between status checks with --wait")
+    parser.add_argument("--wait-timeout", type=finite_number("a number of minutes", above=0), metavar="MINUTES",
                         help="with --wait: give up following after this long (the job goes on); default: no limit")
-    parser.add_argument("--tail", type=int, default=40, help="log lines shown at the end with --wait")
+    parser.add_argument("--tail", type=whole_number("a number of lines", at_least=1), default=40,
+                        help="log lines shown at the end with --wait")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.set_defaults(func=dispatch_command)
     return parser

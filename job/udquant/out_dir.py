@@ -1,0 +1,181 @@
+"""The output folder: the names udquant writes there, and what it may replace.
+
+A user may point --out-dir at a folder holding their own files: before any work, the job learns
+that the folder can be written and that it would replace only files udquant wrote there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from udquant.convert import MMPROJ_TYPE
+from udquant.errors import InputError
+from udquant.resolve import ModelInfo
+from udquant.workdir import pid_alive
+
+RESULT_NAME = "udquant-result.json"
+PLOT_NAME = "kld-vs-bpw.png"
+CARD_NAME = "README.md"
+# What write_outputs is writing, until the result JSON is there: a rerun after a kill may replace those files.
+PENDING_NAME = ".udquant-writing.json"
+
+
+def gguf_file_name(model: ModelInfo, level: str) -> str:
+    return f"{model.name}-{level}.gguf"
+
+
+def mmproj_file_name(model: ModelInfo) -> str:
+    return f"mmproj-{model.name}-{MMPROJ_TYPE.upper()}.gguf"
+
+
+def recipe_file_name(model: ModelInfo, level: str) -> str:
+    return f"{model.name}-{level}.recipe.yaml"
+
+
+def output_file_names(model: ModelInfo, levels: Iterable[str], *, mmproj: bool = False,
+                      plot: bool = False) -> list[str]:
+    """The files write_outputs may put in the output folder besides the card and the result JSON."""
+    names = [name for level in levels for name in (gguf_file_name(model, level), recipe_file_name(model, level))]
+    return names + ([mmproj_file_name(model)] if mmproj else []) + ([PLOT_NAME] if plot else [])
+
+
+def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str] = ()) -> None:
+    """Refuse an output folder where writing would replace what a user made, or that cannot be written
+    (before any work).
+
+    file_names are the files the job will write there (output_file_names): those that exist must be
+    udquant's, listed by the result JSON of an earlier run for this model or by a killed run's
+    pending record; the card and the result JSON are checked by their content.
+    """
+    where = out_dir.resolve()
+    if model.local_dir is not None and where.is_relative_to(model.local_dir.resolve()):
+        raise InputError(f"--out-dir {out_dir} is inside the model folder {model.local_dir}",
+                         hint="choose an output folder outside the model (its files would change the model)")
+    _check_writable_folder(out_dir)
+    folders = [name for name in (CARD_NAME, RESULT_NAME, *file_names) if (out_dir / name).is_dir()]
+    if folders:
+        raise InputError(f"{out_dir} holds folders where udquant writes files: {', '.join(folders)}",
+                         hint="choose another --out-dir, or move them")
+    card = out_dir / CARD_NAME
+    if card.is_file() and not is_udquant_card(card.read_text(errors="replace")):
+        raise InputError(f"{card} was not written by udquant and would be replaced",
+                         hint="choose another --out-dir, or move that file")
+    result = out_dir / RESULT_NAME
+    ours: set[str] = set()
+    if result.exists():
+        previous = read_udquant_result(result)
+        if previous is None:
+            raise InputError(f"{result} was not written by udquant and would be replaced",
+                             hint="choose another --out-dir, or move that file")
+        made_from = previous["inputs"]["source"]
+        if made_from != (model.repo_id or model.name):
+            raise InputError(f"{out_dir} holds udquant's results for {made_from}, "
+                             f"not for {model.repo_id or model.name}", hint="choose another --out-dir")
+        ours |= files_written(previous)
+    ours |= pending_files(out_dir, model)
+    theirs = sorted(name for name in file_names
+                    if ((out_dir / name).exists() or (out_dir / name).is_symlink()) and name not in ours)
+    if theirs:
+        raise InputError(f"{out_dir} holds files udquant did not write and would replace: {', '.join(theirs)}",
+                         hint="choose another --out-dir, or move those files")
+
+
+def _check_writable_folder(out_dir: Path) -> None:
+    """Learn now, not after hours of work, that the folder is one and can be written."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise InputError(f"--out-dir {out_dir} is a file, not a folder", hint="choose another --out-dir")
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise InputError(f"--out-dir {out_dir} is not writable", hint="choose another --out-dir")
+        return
+    absolute = Path(os.path.abspath(out_dir))
+    missing = []
+    for folder in (absolute, *absolute.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise InputError(f"--out-dir {out_dir} cannot be created: {folder} is a file, not a folder",
+                                 hint="choose another --out-dir")
+            break
+        missing.append(folder)
+    # Made and removed again: the job writes there only at its end, and a failed job leaves no trace.
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            made.append(folder)
+    except OSError as err:
+        raise InputError(f"--out-dir {out_dir} cannot be created: {err.strerror}",
+                         hint="choose another --out-dir") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def read_udquant_result(path: Path) -> dict[str, Any] | None:
+    """A result JSON udquant wrote (its version and the source it was made from), else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "udquant_version" not in data or not isinstance(data.get("inputs"), dict) \
+            or not isinstance(data["inputs"].get("source"), str):
+        return None
+    return data
+
+
+def files_written(result: dict[str, Any]) -> set[str]:
+    """The files of the output folder a udquant result JSON says udquant wrote."""
+    names = {name for name in result.get("out_dir_files") or [] if isinstance(name, str)}
+    for record in [*(result.get("levels") or []), result.get("mmproj")]:
+        if not isinstance(record, dict) or record.get("kept_from"):  # kept: on the Hub, not written here
+            continue
+        recipe = record.get("recipe")
+        names |= {name for name in (record.get("file"), recipe.get("file") if isinstance(recipe, dict) else None)
+                  if isinstance(name, str)}
+    if result.get("eval"):
+        names.add(PLOT_NAME)
+    return names
+
+
+def pending_files(out_dir: Path, model: ModelInfo) -> set[str]:
+    """What a run for this model that was killed while writing its outputs had begun to write."""
+    try:
+        pending = json.loads((out_dir / PENDING_NAME).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(pending, dict) or pending.get("source") != (model.repo_id or model.name):
+        return set()
+    return {name for name in pending.get("files") or [] if isinstance(name, str)}
+
+
+def remove_own_partials(out_dir: Path, names: Iterable[str]) -> None:
+    """Delete what a killed run left half-written of these files (named as workdir.partial_path names
+    them), and nothing else: the folder may hold a user's own files."""
+    patterns = [re.compile(re.escape(Path(name).stem) + r"\.partial-(\d+)" + re.escape(Path(name).suffix))
+                for name in names]
+    for entry in out_dir.iterdir():
+        match = next((m for pattern in patterns if (m := pattern.fullmatch(entry.name))), None)
+        if match and entry.is_file() and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+
+
+def is_udquant_card(text: str) -> bool:
+    if not text.startswith("---"):
+        return False
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return False
+    return isinstance(front, dict) and front.get("quantized_by") == "udquant"
