@@ -81,7 +81,10 @@ def resolve_hub_model(repo_id: str, *, revision: str | None, token: str | None) 
         raise not_a_checkpoint_error(repo_id, files) from None
     except HUB_ERRORS as err:
         raise hub_error(repo_id, err) from None
-    config = json.loads(Path(config_path).read_text())
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except ValueError as err:
+        raise InputError(f"{repo_id}: config.json is not valid JSON ({err})") from None
     hf_arch, llama_arch, declared_mtp = describe_config(config, repo_id)
     # The converter reads the top-level files only: weights in subfolders are other copies.
     weights = [s for s in info.siblings or [] if "/" not in s.rfilename and s.rfilename.endswith(".safetensors")]

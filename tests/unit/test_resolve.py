@@ -239,6 +239,16 @@ def test_hub_repo_with_weights_only_in_subfolders_is_refused(hub):
         resolve_model("someone/Nested")
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    (b"{not json", "someone/Broken: config.json is not valid JSON"),
+    (b'["LlamaForCausalLM"]', "config.json is not a JSON object but a list"),
+])
+def test_hub_repo_with_a_broken_config_is_bad_input(hub, config, message):
+    hub.state.add_repo("someone/Broken", {"config.json": config, "model.safetensors": b"x"})
+    with pytest.raises(InputError, match=message):
+        resolve_model("someone/Broken")
+
+
 def test_a_gguf_repo_is_bad_input_not_a_hub_failure(hub):
     hub.state.add_repo("someone/Foo-GGUF", {"Foo-Q4_K_M.gguf": b"GGUF" + b"\0" * 100, "README.md": b"# Foo"})
     with pytest.raises(InputError) as err:
