@@ -39,6 +39,7 @@ from udquant.dispatch.preview import Inspection, inspect_repo
 from udquant.dispatch.queue import JobRegistry
 from udquant.errors import UdquantError
 from udquant.hub import NO_ANSWER
+from udquant.recipe import DEFAULT_LEVEL
 from udquant.resolve import validate_repo_id
 
 logger = logging.getLogger("udquant.space")
@@ -48,7 +49,6 @@ LOOPBACK = "127.0.0.1"
 TARGET_HF_JOBS = "HF Jobs"
 TARGET_GITHUB = "GitHub self-hosted runner"
 TARGET_DOCKER = "Local Docker"
-DEFAULT_LEVEL = "UD-Q5_K_XL"
 LOG_TAIL = 30
 
 
@@ -167,8 +167,12 @@ class SpaceSession:
         if token not in self._names:
             try:
                 self._names[token] = str(HfApi(token=token).whoami()["name"])
-            except HfHubHTTPError:
-                raise UdquantError("the Hub did not accept the sign-in token", hint="sign in again") from None
+            except HfHubHTTPError as err:
+                status = err.response.status_code
+                if status in (401, 403):
+                    raise UdquantError("the Hub did not accept the sign-in token", hint="sign in again") from None
+                raise UdquantError(f"the Hub answered HTTP {status} when asked who is signed in",
+                                   hint="try again in a minute") from None
             except NO_ANSWER as err:
                 raise UdquantError(f"cannot reach the Hub ({type(err).__name__})",
                                    hint="try again in a minute") from None

@@ -22,13 +22,13 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from udquant import __version__
-from udquant.arguments import finite_number
+from udquant.arguments import finite_number, whole_number
 from udquant.dispatch.cli import add_dispatch_command
 from udquant.errors import InputError, UdquantError
 from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, MAX_EVAL_CHUNKS
-from udquant.job import DEFAULT_IMATRIX_CONTEXT, DEFAULT_LEVEL, JobOptions, JobResult, run_job
+from udquant.job import DEFAULT_IMATRIX_CONTEXT, JobOptions, JobResult, run_job, will_upload
 from udquant.measure import EvalSettings
-from udquant.recipe import check_level_name
+from udquant.recipe import DEFAULT_LEVEL, check_level_name
 from udquant.resolve import looks_like_path, validate_repo_id
 from udquant.workdir import file_in_the_way
 
@@ -111,14 +111,15 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mmproj", dest="mmproj", action="store_false",
                         help="publish the text model only, without the vision tower's mmproj file")
     parser.add_argument("--calibration", type=Path, help="calibration text for --imatrix compute")
-    parser.add_argument("--imatrix-chunks", type=int,
+    parser.add_argument("--imatrix-chunks", type=whole_number("a number of chunks", at_least=1),
                         help="--imatrix compute: at most N chunks of the text (default: all it holds)")
-    parser.add_argument("--imatrix-context", type=int, default=DEFAULT_IMATRIX_CONTEXT,
+    parser.add_argument("--imatrix-context", type=whole_number("a number of tokens", at_least=32),
                         help=f"--imatrix compute: tokens per chunk (default: {DEFAULT_IMATRIX_CONTEXT})")
     parser.add_argument("--eval", dest="evaluate", action="store_true",
                         help="measure KL divergence vs BF16 for every level and the standard quant (card + result)")
     add_eval_arguments(parser)
-    parser.add_argument("--threads", type=int, help="CPU threads of the llama.cpp tools (default: theirs)")
+    parser.add_argument("--threads", type=whole_number("a number of threads", at_least=1),
+                        help="CPU threads of the llama.cpp tools (default: theirs)")
     parser.add_argument("--disk-reserve-gb", type=GIGABYTES, default=1.0,
                         help="disk space to leave free after the job (default: 1)")
     upload = parser.add_mutually_exclusive_group()
@@ -136,27 +137,28 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-text", type=Path, metavar="FILE",
                         help="text to measure on (default: the bundled held-out English text)")
-    parser.add_argument("--eval-chunks", type=int, default=DEFAULT_EVAL_CHUNKS,
+    parser.add_argument("--eval-chunks", type=int,
                         help=f"chunks of the eval text (default {DEFAULT_EVAL_CHUNKS}, at most {MAX_EVAL_CHUNKS})")
-    parser.add_argument("--eval-context", type=int, default=DEFAULT_EVAL_CONTEXT,
+    parser.add_argument("--eval-context", type=int,
                         help=f"tokens per chunk (default {DEFAULT_EVAL_CONTEXT})")
 
 
 def eval_settings_from_args(args: argparse.Namespace) -> EvalSettings:
-    settings = EvalSettings(args.eval_text, args.eval_chunks, args.eval_context)
+    settings = EvalSettings(args.eval_text, DEFAULT_EVAL_CHUNKS if args.eval_chunks is None else args.eval_chunks,
+                            DEFAULT_EVAL_CONTEXT if args.eval_context is None else args.eval_context)
     settings.check()
     return settings
 
 
 def _eval_options_without_eval(args: argparse.Namespace) -> list[str]:
-    given = [("--eval-text", args.eval_text is not None), ("--eval-chunks", args.eval_chunks != DEFAULT_EVAL_CHUNKS),
-             ("--eval-context", args.eval_context != DEFAULT_EVAL_CONTEXT)]
+    given = [("--eval-text", args.eval_text is not None), ("--eval-chunks", args.eval_chunks is not None),
+             ("--eval-context", args.eval_context is not None)]
     return [name for name, present in given if present]
 
 
 def _imatrix_options_without_computing(args: argparse.Namespace) -> list[str]:
     given = [("--calibration", args.calibration is not None), ("--imatrix-chunks", args.imatrix_chunks is not None),
-             ("--imatrix-context", args.imatrix_context != DEFAULT_IMATRIX_CONTEXT)]
+             ("--imatrix-context", args.imatrix_context is not None)]
     return [name for name, present in given if present]
 
 
@@ -178,9 +180,7 @@ def _check_publishing(args: argparse.Namespace, token: str | None) -> None:
                          hint="leave out --revision, or check out that revision into the folder")
     if args.output_repo is not None:
         validate_repo_id(args.output_repo, "--output-repo")
-    # As run_job decides: a Hub repo uploads by default when a token is set, a local folder only with --upload.
-    uploads = args.upload if args.upload is not None else not local and token is not None
-    if args.private and not uploads:
+    if args.private and not will_upload(args.upload, from_hub=not local, token=token):
         if args.upload is False:
             hint = "leave out --no-upload or --private"
         elif local:
@@ -191,12 +191,9 @@ def _check_publishing(args: argparse.Namespace, token: str | None) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
-    if (args.imatrix_chunks is not None and args.imatrix_chunks < 1) or args.imatrix_context < 32:
-        raise InputError("--imatrix-chunks must be >= 1 and --imatrix-context >= 32")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, not {args.threads}")
     if not args.evaluate and (stray := _eval_options_without_eval(args)):
-        raise InputError(f"{', '.join(stray)} only apply with --eval", hint="add --eval, or leave them out")
+        raise InputError(f"{', '.join(stray)} only {'applies' if len(stray) == 1 else 'apply'} with --eval",
+                         hint="add --eval, or leave them out")
     # auto computes one for a local folder (and on a GPU when the Hub has none): the options apply there.
     if args.imatrix not in ("auto", "compute") and (stray := _imatrix_options_without_computing(args)):
         raise InputError(f"{', '.join(stray)} only {'applies' if len(stray) == 1 else 'apply'} when the imatrix "
@@ -214,7 +211,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         source=args.source, levels=_levels_given(args.levels), recipe=args.recipe,
         imatrix=args.imatrix, out_dir=args.out_dir, work_dir=args.work_dir, revision=args.revision,
         no_mtp=args.no_mtp, mmproj=args.mmproj, calibration=args.calibration, imatrix_chunks=args.imatrix_chunks,
-        imatrix_context=args.imatrix_context, threads=args.threads,
+        imatrix_context=args.imatrix_context or DEFAULT_IMATRIX_CONTEXT, threads=args.threads,  # >= 32 if given
         disk_reserve=int(args.disk_reserve_gb * 1e9), allow_base_imatrix=args.allow_base_imatrix,
         upload=args.upload, output_repo=args.output_repo, private=args.private,
         split_bytes=int(args.split_size_gb * 1e9), evaluate=args.evaluate,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -43,6 +44,28 @@ MODEL_FILE_PATTERNS = [
 NO_ANSWER = (hf_httpx.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled)
 _UNDESCRIBED_WEIGHTS = (NotASafetensorsRepoError, SafetensorsParsingError)
 HUB_ERRORS: tuple[type[Exception], ...] = (HfHubHTTPError, *NO_ANSWER, *_UNDESCRIBED_WEIGHTS)
+
+
+def whoami(api: HfApi, *, purpose: str, token_name: str = "HF_TOKEN", otherwise: str | None = None) -> dict[str, Any]:
+    """Who the token belongs to. Only an HTTP 401 or 403 is a refused token: no answer, offline mode or a
+    server error says nothing about it. otherwise: what the user can do without the Hub, in every hint."""
+    alternative = f", or {otherwise}" if otherwise else ""
+    try:
+        return api.whoami()
+    except HfHubHTTPError as err:
+        status = err.response.status_code
+        if status in (401, 403):
+            raise HubError(f"the Hub refused the token in {token_name} (HTTP {status})",
+                           hint=f"check the token is valid and has write access{alternative}") from None
+        raise HubError(f"checking the token in {token_name} failed: the Hub answered HTTP {status}",
+                       hint=f"try again later{alternative}") from None
+    except OfflineModeIsEnabled:
+        raise HubError(f"{purpose} needs the Hub, and HF_HUB_OFFLINE is set",
+                       hint=f"unset HF_HUB_OFFLINE{alternative}") from None
+    except NO_ANSWER as err:
+        raise HubError(f"cannot reach the Hub at {constants.ENDPOINT} to check the token in {token_name} "
+                       f"({type(err).__name__}: {err})",
+                       hint=f"check the network or HF_ENDPOINT{alternative}") from None
 
 
 def hub_error(repo_id: str, err: Exception) -> HubError:

@@ -29,6 +29,7 @@ from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
 from udquant.quantize import quantize_model
 from udquant.recipe import (
+    DEFAULT_LEVEL,
     QuantPlan,
     Recipe,
     check_fallbacks,
@@ -45,7 +46,6 @@ from udquant.workdir import StageDir, check_work_dir, find_stage, open_stage
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEVEL = "UD-Q5_K_XL"
 DEFAULT_IMATRIX_CONTEXT = 512
 IMATRIX_MODES = ("none", "compute", "auto")
 
@@ -99,6 +99,11 @@ class Timings:
         entry["seconds"] = round(time.monotonic() - start, 3)
         self.stages[name] = entry
         logger.info("%s: %s in %.1f s", name, "reused" if entry["cached"] else "done", entry["seconds"])
+
+
+def will_upload(upload: bool | None, *, from_hub: bool, token: str | None) -> bool:
+    """--upload/--no-upload, else the default: a Hub repo is uploaded when a token is set, a local folder is not."""
+    return upload if upload is not None else from_hub and bool(token)
 
 
 def _model_fingerprint(model: ModelInfo) -> dict[str, Any]:
@@ -256,7 +261,7 @@ def run_job(options: JobOptions) -> JobResult:
         recipes = _recipes_for(options, model, named_recipe)
         toolchain = find_toolchain()
         early_imatrix = read_imatrix(Path(options.imatrix)) if options.imatrix not in IMATRIX_MODES else None
-        upload = options.upload if options.upload is not None else bool(model.repo_id and options.token)
+        upload = will_upload(options.upload, from_hub=model.repo_id is not None, token=options.token)
         target = plan_target(model.name, model.repo_id or model.name, output_repo=options.output_repo,
                              private=options.private, token=options.token) if upload else None
     no_mtp = model.needs_no_mtp if options.no_mtp is None else options.no_mtp

@@ -19,7 +19,7 @@ import yaml
 from udquant.convert import MMPROJ_TYPE
 from udquant.errors import InputError
 from udquant.resolve import ModelInfo
-from udquant.workdir import pid_alive
+from udquant.workdir import file_in_the_way, pid_alive
 
 RESULT_NAME = "udquant-result.json"
 PLOT_NAME = "kld-vs-bpw.png"
@@ -79,7 +79,8 @@ def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str
         if made_from != (model.repo_id or model.name):
             raise InputError(f"{out_dir} holds udquant's results for {made_from}, "
                              f"not for {model.repo_id or model.name}", hint="choose another --out-dir")
-        ours |= files_written(previous)
+        # Written by a version before out_dir_files: which of its names it wrote is not known.
+        ours |= files_written(previous) if "out_dir_files" in previous else set(file_names)
     ours |= pending_files(out_dir, model)
     theirs = sorted(name for name in file_names
                     if ((out_dir / name).exists() or (out_dir / name).is_symlink()) and name not in ours)
@@ -97,12 +98,12 @@ def _check_writable_folder(out_dir: Path) -> None:
             raise InputError(f"--out-dir {out_dir} is not writable", hint="choose another --out-dir")
         return
     absolute = Path(os.path.abspath(out_dir))
+    if (blocking := file_in_the_way(absolute)) is not None:
+        raise InputError(f"--out-dir {out_dir} cannot be created: {blocking} is a file, not a folder",
+                         hint="choose another --out-dir")
     missing = []
     for folder in (absolute, *absolute.parents):
         if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                raise InputError(f"--out-dir {out_dir} cannot be created: {folder} is a file, not a folder",
-                                 hint="choose another --out-dir")
             break
         missing.append(folder)
     # Made and removed again: the job writes there only at its end, and a failed job leaves no trace.

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
 
-from udquant.errors import HubError, InputError
-from udquant.hub import HUB_ERRORS, NO_ANSWER, hub_error
+from udquant.errors import InputError
+from udquant.hub import HUB_ERRORS, hub_error, whoami
 from udquant.out_dir import RESULT_NAME
 from udquant.output import sha256_file
 from udquant.resolve import validate_repo_id
@@ -51,23 +51,28 @@ class Publication:
     deleted: tuple[str, ...] = ()
 
 
+KEEP_LOCAL = "pass --no-upload to keep the results local"
+
+
 def plan_target(model_name: str, source: str, *, output_repo: str | None, private: bool,
-                token: str | None) -> Target:
+                token: str | None, otherwise: str | None = KEEP_LOCAL) -> Target:
     """Where results go; checks the token, the namespace and the repo before any heavy work is done.
 
     source names the model being quantized: a repo that udquant filled with another model's
     quants is never written to, nor a repo of the default name that udquant did not make.
+    otherwise: what the user can do instead of uploading, in the hints (a dispatcher has no --no-upload).
     """
+    alternative = f", or {otherwise}" if otherwise else ""
     if not token:
         raise InputError("uploading needs a Hugging Face token with write access in HF_TOKEN",
-                         hint="set HF_TOKEN, or pass --no-upload to keep the results local")
+                         hint=f"set HF_TOKEN{alternative}")
     if output_repo is not None:
-        validate_repo_id(output_repo)  # the user's input, checked before any request
+        validate_repo_id(output_repo, "--output-repo")  # the user's input, checked before any request
     api = HfApi(token=token)
-    me = _whoami(api)
+    me = whoami(api, purpose="uploading", otherwise=otherwise)
     if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise InputError("the token in HF_TOKEN is read-only: uploading needs write access",
-                         hint="use a token with the write role, or pass --no-upload to keep the results local")
+                         hint=f"use a token with the write role{alternative}")
     repo_id = validate_repo_id(output_repo or f"{me['name']}/{model_name}-UD-GGUF")
     grant = write_grant(me)
     namespace = repo_id.split("/")[0]
@@ -104,28 +109,6 @@ def plan_target(model_name: str, source: str, *, output_repo: str | None, privat
             logger.warning("%s was not made by udquant: its README.md will be replaced by udquant's card "
                            "(the repo's history keeps the old one)", repo_id)
     return Target(repo_id, private, previous, frozenset(files))
-
-
-def _whoami(api: HfApi) -> dict[str, Any]:
-    """Who the token belongs to. Only an HTTP 401 or 403 is a refused token: no answer, offline mode or
-    a server error says nothing about it."""
-    try:
-        return api.whoami()
-    except HfHubHTTPError as err:
-        status = err.response.status_code
-        if status in (401, 403):
-            raise HubError(f"the Hub refused the token in HF_TOKEN (HTTP {status})",
-                           hint="check the token is valid and has write access, or pass --no-upload "
-                                "to keep the results local") from None
-        raise HubError(f"checking the token in HF_TOKEN failed: the Hub answered HTTP {status}",
-                       hint="try again later; --no-upload keeps the results local") from None
-    except OfflineModeIsEnabled:
-        raise HubError("uploading needs the Hub, and HF_HUB_OFFLINE is set",
-                       hint="unset HF_HUB_OFFLINE, or pass --no-upload to keep the results local") from None
-    except NO_ANSWER as err:
-        raise HubError(f"cannot reach the Hub at {constants.ENDPOINT} to check the token in HF_TOKEN "
-                       f"({type(err).__name__}: {err})",
-                       hint="check the network or HF_ENDPOINT, or pass --no-upload to keep the results local") from None
 
 
 @dataclass(frozen=True)

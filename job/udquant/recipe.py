@@ -56,6 +56,7 @@ NEVER_QUANTIZED_BY_ARCH = {
                   "attn_v_b.weight"),
 }
 SELECTORS = ("all", "more_bits")
+DEFAULT_LEVEL = "UD-Q5_K_XL"  # what the job makes when given no level and no recipe
 # Level names and library ids (arch/LEVEL) name files under recipes/: without separators or a
 # leading dot, none can reach outside it.
 LEVEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -246,8 +246,10 @@ def test_bad_source(source, message, tmp_path):
 
 @pytest.mark.parametrize(("option", "message"), [
     (["--imatrix", "sometimes"], "--imatrix must be auto, none, compute or an existing file"),
-    (["--imatrix-chunks", "0"], "--imatrix-chunks must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1, not 0"),
+    (["--imatrix-chunks", "0"], "--imatrix-chunks: '0' is not a number of chunks (a whole number >= 1)"),
+    (["--imatrix-context", "16"], "--imatrix-context: '16' is not a number of tokens (a whole number >= 32)"),
+    (["--threads", "0"], "--threads: '0' is not a number of threads (a whole number >= 1)"),
+    (["--imatrix", "none", "--imatrix-context", "512"], "--imatrix-context only applies when the imatrix is"),
     (["--split-size-gb", "nan"], "--split-size-gb: 'nan' is not a size in GB"),
     (["--quant", "UD-Q4_K_XL", "--quant", "UD-Q4_K_XL"], "--quant UD-Q4_K_XL is given more than once"),
     (["--imatrix", "none", "--calibration", "calibration.txt"], "--calibration only applies when the imatrix is"),

@@ -46,7 +46,7 @@ from udquant.dispatch.job_command import (
 )
 from udquant.dispatch.preview import inspect_repo
 from udquant.dispatch.queue import JobRegistry, QueueLimitError
-from udquant.errors import InputError
+from udquant.errors import HubError, InputError
 from udquant.recipe import load_recipe_ref
 
 HF_TOKEN = "hf_test-dispatch-secret-not-real"
@@ -244,18 +244,18 @@ def test_hf_jobs_without_an_answer_fail_as_passing_dispatch_errors(monkeypatch: 
     with pytest.raises(DispatchError, match="listing hardware failed"):
         list_hardware(HF_TOKEN, endpoint=closed)
     monkeypatch.setattr(constants, "ENDPOINT", closed)
-    with pytest.raises(DispatchError, match="whoami failed: cannot reach the Hub"):
+    with pytest.raises(HubError, match="cannot reach the Hub at .* to check the token in HF_TOKEN"):
         hub_namespace(HF_TOKEN)
 
 
 def test_whoami_tells_a_refused_token_from_offline_mode(jobs: HubJobs, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(DispatchError, match=r"the Hub did not accept HF_TOKEN \(HTTP 401\)") as refused:
+    with pytest.raises(HubError, match=r"the Hub refused the token in HF_TOKEN \(HTTP 401\)") as refused:
         hub_namespace("hf_wrong_token")
-    assert refused.value.status_code == 401
+    assert refused.value.exit_code == 9
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DispatchError, match="whoami failed: HF_HUB_OFFLINE is set") as offline:
+    with pytest.raises(HubError, match="dispatching needs the Hub, and HF_HUB_OFFLINE is set") as offline:
         hub_namespace(HF_TOKEN)
-    assert offline.value.hint == "unset HF_HUB_OFFLINE" and "did not accept" not in str(offline.value)
+    assert offline.value.hint == "unset HF_HUB_OFFLINE" and "refused" not in str(offline.value)
 
 
 def test_hardware_list_and_estimates(jobs: HubJobs) -> None:
@@ -597,8 +597,9 @@ def test_cli_dispatch_refuses_what_the_job_would_refuse_before_anything_is_bille
         args.func(args)
     hub.state.read_only_tokens.add(HF_TOKEN)
     args = _dispatch_parser().parse_args([*dispatch, "--output-repo", "alice/Distill-8B-UD-GGUF"])
-    with pytest.raises(InputError, match="read-only"):
+    with pytest.raises(InputError, match="read-only") as read_only:
         args.func(args)
+    assert "--no-upload" not in str(read_only.value)  # a job option: dispatch has none
     assert jobs.created == []
     # Named, the repo is the user's choice: the job is told to publish there.
     hub.state.read_only_tokens.clear()

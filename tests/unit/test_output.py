@@ -66,21 +66,31 @@ def test_files_udquant_would_write_are_replaced_only_when_udquant_wrote_them(tmp
         check_out_dir(tmp_path, model(), file_names=names)
     assert "holds files udquant did not write and would replace: M-UD-Q5_K_XL.gguf, kld-vs-bpw.png" in str(err.value)
     # The files a udquant result of this model lists are its own, and so are those of a run killed while writing.
-    (tmp_path / "udquant-result.json").write_text(json.dumps(result_json("o/M", ("UD-Q5_K_XL",), eval=[{}])))
+    result = tmp_path / "udquant-result.json"
+    result.write_text(json.dumps(result_json("o/M", ("UD-Q5_K_XL",), eval=[{}], out_dir_files=[])))
     check_out_dir(tmp_path, model(), file_names=names)
-    (tmp_path / "udquant-result.json").write_text(json.dumps(result_json("o/M", ("UD-Q4_K_XL",))))
+    result.write_text(json.dumps(result_json("o/M", ("UD-Q4_K_XL",), out_dir_files=["M-UD-Q4_K_XL.gguf"])))
     with pytest.raises(InputError, match="would replace: M-UD-Q5_K_XL.gguf, kld-vs-bpw.png"):
         check_out_dir(tmp_path, model(), file_names=names)
     (tmp_path / ".udquant-writing.json").write_text(json.dumps({"source": "o/M", "files": names}))
     check_out_dir(tmp_path, model(), file_names=names)
+    # A result of a version before out_dir_files does not say which of udquant's names it wrote: all are its own.
+    (tmp_path / ".udquant-writing.json").unlink()
+    result.write_text(json.dumps(result_json("o/M", ("UD-Q4_K_XL",))))
+    check_out_dir(tmp_path, model(), file_names=names)
 
 
-@pytest.mark.parametrize("where", ["afile", "afile/sub", "/proc/udquant-test/sub"])
-def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, where):
+@pytest.mark.parametrize("where", ["afile", "afile/sub", "denied/sub"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, monkeypatch, where):
     (tmp_path / "afile").write_text("x")
     out_dir = tmp_path / where
     message = {"afile": "is a file, not a folder", "afile/sub": f"cannot be created: {tmp_path / 'afile'} is a file",
-               "/proc/udquant-test/sub": "cannot be created: No such file or directory"}[where]
+               "denied/sub": "cannot be created: Permission denied"}[where]
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)  # as a folder of another user would
     with pytest.raises(InputError, match=message):
         check_out_dir(out_dir, model())
 

@@ -54,7 +54,7 @@ def test_scopes_named_only_by_id_are_left_to_the_hub(hub):
 
 
 def test_a_bad_output_repo_is_refused_before_any_request(hub):
-    with pytest.raises(InputError, match="'alice/x y' is neither"):
+    with pytest.raises(InputError, match="--output-repo 'alice/x y' is not a Hugging Face repo id"):
         target("hf_test_token_owner", "alice/x y")
     assert hub.state.requests == []
 

@@ -370,6 +370,9 @@ def test_sizes_must_be_finite_and_not_negative(argv, message, capsys):
     (["--private"], "--private only applies with --upload"),
     (["--private", "--no-upload"], "--private only applies with --upload"),
     (["--revision", "main"], "--revision applies to a Hub repo, not to the local folder ./m"),
+    # Given, even with the default's value: told apart from not given.
+    (["--imatrix", "none", "--imatrix-context", "512"], "--imatrix-context only applies when the imatrix is"),
+    (["--eval-chunks", "16"], "--eval-chunks only applies with --eval"),
 ])
 def test_job_options_that_cannot_apply_are_refused(tmp_path, monkeypatch, argv, message):
     monkeypatch.setenv("HF_TOKEN", "hf_token")

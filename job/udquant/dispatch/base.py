@@ -14,16 +14,13 @@ from typing import Literal, Protocol
 from udquant import __version__
 from udquant.errors import InputError, UdquantError
 from udquant.library import recipes_dir
-from udquant.recipe import load_recipe
+from udquant.recipe import DEFAULT_LEVEL, LEVEL_NAME, RECIPE_ID, load_recipe
 from udquant.resolve import validate_repo_id
 
 BACKENDS = ("hf-jobs", "docker", "github")
 IMATRIX_CHOICES = ("auto", "compute", "none")
 IMAGE_REPOSITORY = "ghcr.io/udquant/udquant-job"
 OUTPUT_SUFFIX = "-UD-GGUF"
-DEFAULT_LEVEL = "UD-Q5_K_XL"  # what a request makes when it names no level and no recipe
-_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_RECIPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # registry[:port]/path[:tag][@digest], lower-case path components as OCI references require.
 _IMAGE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+"
                     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
@@ -64,7 +61,7 @@ def _check_levels(levels: tuple[str, ...]) -> None:
         raise InputError("choose at least one level")
     known = library_levels()
     for level in levels:
-        if not _LEVEL.match(level) or level not in known:
+        if not LEVEL_NAME.fullmatch(level) or level not in known:
             raise InputError(f"unknown level {level!r}; levels in the library: {', '.join(known)}")
     if len(set(levels)) != len(levels):
         raise InputError("a level is named twice")
@@ -73,7 +70,7 @@ def _check_levels(levels: tuple[str, ...]) -> None:
 def recipe_level(recipe: str) -> str:
     """The level a library recipe makes (its file names and the job's --quant)."""
     # Only library ids: a path on this machine means nothing on the machine that runs the job.
-    if not _RECIPE_ID.match(recipe) or ".." in recipe or not (recipes_dir() / f"{recipe}.yaml").is_file():
+    if not RECIPE_ID.fullmatch(recipe) or not (recipes_dir() / f"{recipe}.yaml").is_file():
         raise InputError(f"recipe {recipe!r} is not in the library",
                          hint="use 'auto' or a library id such as generic/UD-Q5_K_XL")
     return load_recipe(recipes_dir() / f"{recipe}.yaml").level
@@ -144,7 +141,7 @@ def check_upload_target(request: DispatchRequest, token: str) -> None:
 
     plan_target(request.repo_id.split("/")[1], request.repo_id,
                 output_repo=request.output_repo if request.output_repo_named else None,
-                private=request.private, token=token)
+                private=request.private, token=token, otherwise=None)
 
 
 @dataclass(frozen=True)

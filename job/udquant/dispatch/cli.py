@@ -14,12 +14,10 @@ import sys
 import time
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from udquant.arguments import finite_number, whole_number
 from udquant.dispatch.base import (
     BACKENDS,
-    DEFAULT_LEVEL,
     IMATRIX_CHOICES,
     Backend,
     DispatchError,
@@ -32,7 +30,8 @@ from udquant.dispatch.base import (
 )
 from udquant.dispatch.job_command import default_image
 from udquant.errors import InputError
-from udquant.hub import NO_ANSWER
+from udquant.hub import whoami
+from udquant.recipe import DEFAULT_LEVEL
 from udquant.resolve import validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -49,22 +48,8 @@ def _env_token(name: str, backend: str) -> str:
 
 
 def _namespace(token: str) -> str:
-    """The token's user name. Only an HTTP 401 or 403 is a refused token."""
-    try:
-        return str(HfApi(token=token).whoami()["name"])
-    except HfHubHTTPError as err:
-        status = err.response.status_code
-        if status in (401, 403):
-            raise DispatchError("hub", f"whoami failed: the Hub did not accept HF_TOKEN (HTTP {status})",
-                                status_code=status, hint="check HF_TOKEN") from None
-        raise DispatchError("hub", f"whoami failed: the Hub answered HTTP {status}", status_code=status,
-                            hint="try again later") from None
-    except OfflineModeIsEnabled:
-        raise DispatchError("hub", "whoami failed: HF_HUB_OFFLINE is set, and dispatching needs the Hub",
-                            hint="unset HF_HUB_OFFLINE") from None
-    except NO_ANSWER as err:
-        raise DispatchError("hub", f"whoami failed: cannot reach the Hub ({type(err).__name__}: {err})",
-                            hint="check the network, or HF_ENDPOINT") from None
+    """The token's user name: the namespace of the default output repo."""
+    return str(whoami(HfApi(token=token), purpose="dispatching")["name"])
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
