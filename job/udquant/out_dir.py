@@ -69,7 +69,6 @@ def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str
         raise InputError(f"{card} was not written by udquant and would be replaced",
                          hint="choose another --out-dir, or move that file")
     result = out_dir / RESULT_NAME
-    ours: set[str] = set()
     if result.exists():
         previous = read_udquant_result(result)
         if previous is None:
@@ -79,9 +78,7 @@ def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str
         if made_from != (model.repo_id or model.name):
             raise InputError(f"{out_dir} holds udquant's results for {made_from}, "
                              f"not for {model.repo_id or model.name}", hint="choose another --out-dir")
-        # Written by a version before out_dir_files: which of its names it wrote is not known.
-        ours |= files_written(previous) if "out_dir_files" in previous else set(file_names)
-    ours |= pending_files(out_dir, model)
+    ours = earlier_files(out_dir, model)
     theirs = sorted(name for name in file_names
                     if ((out_dir / name).exists() or (out_dir / name).is_symlink()) and name not in ours)
     if theirs:
@@ -134,6 +131,20 @@ def read_udquant_result(path: Path) -> dict[str, Any] | None:
             or not isinstance(data["inputs"].get("source"), str):
         return None
     return data
+
+
+def earlier_files(out_dir: Path, model: ModelInfo) -> set[str]:
+    """The files of the output folder earlier runs for this model wrote (one killed while writing too): a
+    later run may replace them."""
+    result = read_udquant_result(out_dir / RESULT_NAME)
+    ours = pending_files(out_dir, model)
+    if result is None or result["inputs"]["source"] != (model.repo_id or model.name):
+        return ours
+    if "out_dir_files" in result:
+        return ours | files_written(result)
+    # Written by a version before out_dir_files: every file named as udquant names this model's files.
+    patterns = (f"{model.name}-*.gguf", f"{model.name}-*.recipe.yaml", mmproj_file_name(model), PLOT_NAME)
+    return ours | {path.name for pattern in patterns for path in out_dir.glob(pattern) if path.is_file()}
 
 
 def files_written(result: dict[str, Any]) -> set[str]:

@@ -27,12 +27,10 @@ from udquant.out_dir import (
     PENDING_NAME,
     PLOT_NAME,
     RESULT_NAME,
-    files_written,
+    earlier_files,
     gguf_file_name,
     mmproj_file_name,
     output_file_names,
-    pending_files,
-    read_udquant_result,
     recipe_file_name,
     remove_own_partials,
 )
@@ -247,11 +245,7 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
     names = output_file_names(model, [level.level for level in levels], mmproj=mmproj is not None, plot=bool(evals))
     remove_own_partials(out_dir, [*names, CARD_NAME, RESULT_NAME, PENDING_NAME])
     source = model.repo_id or model.name
-    earlier = read_udquant_result(out_dir / RESULT_NAME)
-    # Files earlier runs for this model wrote here (one killed while writing too) stay udquant's: a later
-    # run may replace them.
-    written = files_written(earlier) if earlier is not None and earlier["inputs"]["source"] == source else set()
-    written |= pending_files(out_dir, model)
+    written = earlier_files(out_dir, model)
     write_text_atomic(out_dir / PENDING_NAME,
                       json.dumps({"source": source, "files": sorted(written | set(names))}, indent=2) + "\n")
     level_records = []

@@ -143,6 +143,15 @@ def test_a_rerun_replaces_what_udquant_wrote_and_clears_only_its_own_partials(tm
         run("UD-Q6_K_XL")
     assert (out / "M-UD-Q6_K_XL.gguf").read_text() == "my own gguf"
     assert mine.read_text() == "a user's draft"
+    # A folder an earlier version wrote (no out_dir_files): its files of this model's names stay udquant's,
+    # and are recorded by the next run so that later runs may replace them too.
+    (out / "M-UD-Q6_K_XL.gguf").unlink()
+    old = {k: v for k, v in json.loads((out / "udquant-result.json").read_text()).items() if k != "out_dir_files"}
+    (out / "udquant-result.json").write_text(json.dumps(old | {"levels": [], "eval": []}))
+    (out / "kld-vs-bpw.png").write_text("plot of an earlier version's run")
+    assert {"kld-vs-bpw.png", "M-UD-Q4_K_XL.gguf"} <= set(run("UD-Q5_K_XL")["out_dir_files"])
+    assert "kld-vs-bpw.png" in output_file_names(model(), ["UD-Q5_K_XL"], plot=True)
+    check_out_dir(out, model(), file_names=output_file_names(model(), ["UD-Q5_K_XL"], plot=True))
 
 
 def test_the_disk_estimate_counts_the_split_copy_of_large_levels():
