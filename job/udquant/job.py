@@ -23,7 +23,7 @@ from udquant.imatrix import Imatrix, ImatrixSettings, check_imatrix_fits, comput
 from udquant.imatrix_discovery import find_imatrix, no_imatrix_error
 from udquant.library import data_file
 from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels, require_plotting
-from udquant.out_dir import check_out_dir, gguf_file_name, mmproj_file_name, output_file_names
+from udquant.out_dir import SPLIT_NAME, check_out_dir, gguf_file_name, mmproj_file_name, output_file_names
 from udquant.output import ImatrixUse, LevelOutput, kept_levels, kept_mmproj, sha256_file, write_outputs
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
@@ -273,7 +273,8 @@ def run_job(options: JobOptions) -> JobResult:
     out_dir = options.out_dir or Path("udquant-out") / model.name
     vision = model.vision_weights
     check_out_dir(out_dir, model, file_names=output_file_names(
-        model, [recipe.level for recipe in recipes], mmproj=bool(vision) and options.mmproj, plot=options.evaluate))
+        model, [recipe.level for recipe in recipes], mmproj=bool(vision) and options.mmproj, plot=options.evaluate),
+        split_names=[gguf_file_name(model, recipe.level) for recipe in recipes] if target else ())
     if vision and not options.mmproj:
         logger.warning("%s has a vision tower (%d tensors): --no-mmproj, so only the text model is published",
                        model.name, len(vision))
@@ -339,7 +340,7 @@ def run_job(options: JobOptions) -> JobResult:
                                     options.eval_settings, options.work_dir, threads=options.threads,
                                     disk_reserve=options.disk_reserve)
     def split(gguf: Path) -> list[Path]:  # the card must name the files the repo will hold
-        return split_for_upload(toolchain, gguf, gguf.parent / "split", options.split_bytes,
+        return split_for_upload(toolchain, gguf, gguf.parent / SPLIT_NAME, options.split_bytes,
                                 log_path=options.work_dir / "publish.log")
 
     with timings.stage("output"):

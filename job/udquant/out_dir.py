@@ -26,6 +26,9 @@ PLOT_NAME = "kld-vs-bpw.png"
 CARD_NAME = "README.md"
 # What write_outputs is writing, until the result JSON is there: a rerun after a kill may replace those files.
 PENDING_NAME = ".udquant-writing.json"
+# <out-dir>/split/<GGUF stem>/<key>/: the shards of a GGUF above --split-size-gb (publish.split_for_upload).
+SPLIT_NAME = "split"
+_SPLIT_KEY = re.compile(r"[0-9a-f]{12}(\.partial-\d+)?")
 
 
 def gguf_file_name(model: ModelInfo, level: str) -> str:
@@ -47,13 +50,15 @@ def output_file_names(model: ModelInfo, levels: Iterable[str], *, mmproj: bool =
     return names + ([mmproj_file_name(model)] if mmproj else []) + ([PLOT_NAME] if plot else [])
 
 
-def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str] = ()) -> None:
+def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str] = (),
+                  split_names: Collection[str] = ()) -> None:
     """Refuse an output folder where writing would replace what a user made, or that cannot be written
     (before any work).
 
     file_names are the files the job will write there (output_file_names): those that exist must be
     udquant's, listed by the result JSON of an earlier run for this model or by a killed run's
-    pending record; the card and the result JSON are checked by their content.
+    pending record; the card and the result JSON are checked by their content. split_names are the
+    GGUFs that may be split for the upload: their shard folders must hold only udquant's shards.
     """
     where = out_dir.resolve()
     if model.local_dir is not None and where.is_relative_to(model.local_dir.resolve()):
@@ -84,6 +89,35 @@ def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str
     if theirs:
         raise InputError(f"{out_dir} holds files udquant did not write and would replace: {', '.join(theirs)}",
                          hint="choose another --out-dir, or move those files")
+    if split_names:
+        _check_split_folders(out_dir / SPLIT_NAME, split_names)
+
+
+def _check_split_folders(split: Path, gguf_names: Collection[str]) -> None:
+    """The shard folders of these GGUFs are replaced whole: each must hold udquant's shards only."""
+    if not split.is_dir() and (split.exists() or split.is_symlink()):
+        raise InputError(f"{split} is a file where udquant puts the shards of large GGUFs",
+                         hint="choose another --out-dir, or move that file")
+    theirs = [f"{SPLIT_NAME}/{stem}" for stem in sorted(Path(name).stem for name in gguf_names)
+              if not _is_udquant_split(split / stem, stem)]
+    if theirs:
+        raise InputError(f"{split.parent} holds folders udquant did not write and would replace: {', '.join(theirs)}",
+                         hint="choose another --out-dir, or move those folders")
+
+
+def _is_udquant_split(folder: Path, stem: str) -> bool:
+    """Missing, or key folders (finished or left by a killed split) of this GGUF's shards and nothing else."""
+    if not (folder.exists() or folder.is_symlink()):
+        return True
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.gguf")
+    for key in folder.iterdir():
+        if key.is_symlink() or not key.is_dir() or not _SPLIT_KEY.fullmatch(key.name):
+            return False
+        if any(entry.is_symlink() or not entry.is_file() or not shard.fullmatch(entry.name) for entry in key.iterdir()):
+            return False
+    return True
 
 
 def _check_writable_folder(out_dir: Path) -> None:

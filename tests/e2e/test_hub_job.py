@@ -168,7 +168,8 @@ def test_the_repo_holds_what_its_card_describes_across_reruns(hub, llama, tmp_pa
     assert read_gguf_header(tmp_path / "out" / "Tiny-Distill-UD-Q5_K_XL.gguf").metadata["general.name"] \
         == "Tiny-Distill"
 
-    # Whole this time: the shards go in the same commit.
+    # Whole this time: the shards go in the same commit, and their folder (udquant's) is no obstacle.
+    assert len(list((tmp_path / "out" / "split" / "Tiny-Distill-UD-Q5_K_XL").glob("*/*-of-*.gguf"))) == len(shards)
     proc = job("--imatrix", "none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert {name for name in repo.files if name.endswith(".gguf")} == {"Tiny-Distill-UD-Q5_K_XL.gguf"}

@@ -203,3 +203,28 @@ def test_a_given_imatrix_path_shows_only_its_file_name(tmp_path):
     path.write_bytes(b"x")
     imatrix = Imatrix(path, "gguf", {}, ("/home/me/private/calib.txt", "C:\\Users\\me\\c.txt", "wiki"), 4, 512, {})
     assert ImatrixUse("file", imatrix).describe()["datasets"] == ["calib.txt", "c.txt", "wiki"]
+
+
+def test_shard_folders_are_replaced_only_when_they_hold_udquant_shards(tmp_path):
+    names = ["M-UD-Q5_K_XL.gguf", "M-UD-Q4_K_XL.gguf"]
+    check_out_dir(tmp_path, model(), split_names=names)
+    ours = tmp_path / "split" / "M-UD-Q5_K_XL"
+    for key in ("0123456789ab", "ba9876543210.partial-4242"):  # a finished split and a killed one
+        (ours / key).mkdir(parents=True)
+        (ours / key / "M-UD-Q5_K_XL-00001-of-00002.gguf").write_bytes(b"GGUF")
+    (tmp_path / "split" / "my-notes").mkdir()  # not one of the folders replaced
+    check_out_dir(tmp_path, model(), split_names=names)
+
+    (ours / "0123456789ab" / "notes.txt").write_text("mine")
+    theirs = tmp_path / "split" / "M-UD-Q4_K_XL"
+    theirs.mkdir()
+    (theirs / "draft.gguf").write_text("mine")
+    with pytest.raises(InputError, match="would replace: split/M-UD-Q4_K_XL, split/M-UD-Q5_K_XL"):
+        check_out_dir(tmp_path, model(), split_names=names)
+    check_out_dir(tmp_path, model())  # nothing is split when nothing is uploaded
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "split").write_text("a file")
+    with pytest.raises(InputError, match="split is a file where udquant puts the shards"):
+        check_out_dir(other, model(), split_names=names)
