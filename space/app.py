@@ -31,6 +31,7 @@ from udquant.dispatch.base import (
     check_upload_target,
     library_levels,
     make_request,
+    repo_url,
 )
 from udquant.dispatch.estimate import FlavorEstimate, Hardware
 from udquant.dispatch.github import API_URL, DEFAULT_WORKFLOW, GitHubBackend
@@ -50,6 +51,9 @@ TARGET_HF_JOBS = "HF Jobs"
 TARGET_GITHUB = "GitHub self-hosted runner"
 TARGET_DOCKER = "Local Docker"
 LOG_TAIL = 30
+# Seconds between two looks at a followed job. HF Jobs: a log read of a running job waits about 5 s for
+# news. GitHub: each look costs a few requests of the token's 5,000 an hour, shared with its other uses.
+POLL_SECONDS = {"hf-jobs": 10.0, "github": 15.0, "docker": 3.0}
 
 
 class TestTokenRefusedError(RuntimeError):
@@ -79,7 +83,7 @@ class SpaceConfig:
     port: int = 7860
     docker: bool = False  # offer local Docker: a Docker engine answered at start
     github_api: str = API_URL
-    poll_seconds: float = 3.0
+    poll_seconds: float | None = None  # None: each backend's own interval (POLL_SECONDS)
     test_token: str | None = field(default=None, repr=False)
     in_space: bool = False  # on Hugging Face Spaces: the sign-in is real OAuth, whose token expires
 
@@ -90,7 +94,8 @@ def config_from_env(env: Mapping[str, str], host: str, port: int) -> SpaceConfig
     return SpaceConfig(host=host, port=port, docker=engine_available(), test_token=test_token_from_env(env, host),
                        in_space=bool(env.get("SPACE_ID")) or env.get("SYSTEM") == "spaces",
                        github_api=env.get("UDQUANT_GITHUB_API", API_URL),
-                       poll_seconds=float(env.get("UDQUANT_SPACE_POLL_SECONDS", "3")))
+                       poll_seconds=float(env["UDQUANT_SPACE_POLL_SECONDS"])
+                       if env.get("UDQUANT_SPACE_POLL_SECONDS") else None)
 
 
 # -- text for the page ---------------------------------------------------------------------------
@@ -180,19 +185,35 @@ class SpaceSession:
 
     def running_job(self, user: str, token: str) -> JobHandle | None:
         """The user's job to follow when a page opens: the one this Space started for them, else their udquant job
-        still running on HF Jobs, started before the Space restarted (it then holds their one-job slot)."""
+        still running on HF Jobs or in the local Docker engine, started before the Space restarted (it then holds
+        their one-job slot). Their ended containers that nobody released go first: the engine keeps the token."""
         handle = self.registry.active(user)
         if handle is not None:
             return handle
-        try:
-            found = HfJobsBackend(token, namespace=user).running_jobs()
-        except DispatchError as err:
-            logger.warning("cannot list the HF Jobs of %s: %s", user, err.message)
-            return None
+        found: list[JobHandle] = []
+        if self.config.docker:
+            from udquant.dispatch.docker_backend import DockerBackend
+
+            try:
+                docker_backend = DockerBackend(token, user=user)
+                docker_backend.remove_ended(user)
+                found = docker_backend.running_jobs(user)
+            except DispatchError as err:
+                logger.warning("cannot list the Docker jobs of %s: %s", user, err.message)
+        if not found:
+            try:
+                found = HfJobsBackend(token, namespace=user).running_jobs()
+            except DispatchError as err:
+                logger.warning("cannot list the HF Jobs of %s: %s", user, err.message)
         return self.registry.adopt(user, found[0]) if found else None
 
+    def follow_timer(self, handle: JobHandle) -> gr.Timer:
+        """The timer that polls a followed job, at its backend's pace (UDQUANT_SPACE_POLL_SECONDS: one pace)."""
+        return gr.Timer(self.config.poll_seconds or POLL_SECONDS[handle.backend], active=True)
+
     def backend(self, target: str, token: str, flavor: str = "", github_repo: str = "",
-                workflow: str = DEFAULT_WORKFLOW, github_token: str = "") -> Backend:
+                workflow: str = DEFAULT_WORKFLOW, github_token: str = "", user: str | None = None) -> Backend:
+        """The backend of a target; user labels a Docker job, so that a restarted Space finds it again."""
         if target == TARGET_GITHUB:
             return GitHubBackend(github_token, github_repo.strip(), workflow=workflow.strip() or DEFAULT_WORKFLOW,
                                  api_url=self.config.github_api)
@@ -201,7 +222,7 @@ class SpaceSession:
                 raise UdquantError("local Docker is not offered here: no Docker engine answered")
             from udquant.dispatch.docker_backend import DockerBackend
 
-            return DockerBackend(token)
+            return DockerBackend(token, user=user)
         return HfJobsBackend(token, flavor=flavor or "a10g-large")
 
 
@@ -260,7 +281,7 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
         job_link = gr.Markdown(elem_id="job-link")
         cancel = gr.Button("Cancel the job", variant="stop", elem_id="cancel")
         handle_state = gr.State(None)
-        timer = gr.Timer(config.poll_seconds, active=False)
+        timer = gr.Timer(config.poll_seconds or POLL_SECONDS["docker"], active=False)
 
         def open_page(oauth_token: gr.OAuthToken | None) -> tuple[str, Any, Any, Any]:
             """Who is signed in, and their job that still runs (the page was reloaded, or the Space restarted),
@@ -275,7 +296,7 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
             handle = session.running_job(user, token)
             if handle is None:
                 return f"Signed in as **{user}**.", gr.skip(), gr.skip(), gr.skip()
-            return f"Signed in as **{user}**.", describe_followed(handle), handle, gr.Timer(active=True)
+            return f"Signed in as **{user}**.", describe_followed(handle), handle, session.follow_timer(handle)
 
         def check_repo(text: str) -> str:
             if not text.strip():
@@ -333,42 +354,64 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                                        evaluate=measure)
                 if choice != TARGET_GITHUB:  # the job uploads with this token: refuse now what it would refuse
                     check_upload_target(request, token)
-                backend = session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token)
+                backend = session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token, user=user)
                 handle = session.registry.submit(user, lambda h: not backend_for_handle(
                     session, h, token, gh_token).status(h).terminal, lambda: backend.start(request))
             except UdquantError as err:
                 return (problem(err), *idle)
             logger.info("%s started %s job %s for %s", user, handle.backend, handle.job_id, request.repo_id)
             where = f" — [job page]({handle.url})" if handle.url else ""
-            return (f"Started {handle.backend} job `{handle.job_id}`{where}", handle, gr.Timer(active=True),
+            return (f"Started {handle.backend} job `{handle.job_id}`{where}", handle, session.follow_timer(handle),
                     f"**started** ({handle.backend} job `{handle.job_id}`)", "", "")
 
         def poll_job(handle: JobHandle | None, gh_token: str,
                      oauth_token: gr.OAuthToken | None) -> tuple[Any, Any, Any, Any, Any]:
             """The job's status, log tail and link; once it has ended, the handle is dropped (a late tick changes
-            nothing) and the backend releases what the job held."""
+            nothing) and the backend releases what the job held. A log that cannot be read does not hide the
+            status; a refused token stops the polling until the page is opened again."""
             token = session.token(oauth_token)
             if handle is None or token is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
             try:
                 backend = backend_for_handle(session, handle, token, gh_token)
                 status = backend.status(handle)
-                lines = backend.logs(handle, tail=LOG_TAIL)
-                link = backend.result_link(handle) if status.state == "completed" else None
-                if status.terminal:
-                    backend.release(handle)
             except DispatchError as err:
-                gone = err.status_code == 404  # removed or deleted elsewhere: nothing more to follow
-                if gone:
+                if err.status_code == 404:  # removed or deleted elsewhere: nothing more to follow
                     session.registry.finish(session.user(token), handle)
-                return problem(err), gr.skip(), gr.skip(), gr.Timer(active=not gone), None if gone else handle
+                    return problem(err), gr.skip(), gr.skip(), gr.Timer(active=False), None
+                if err.status_code in (401, 403):  # asking again every few seconds changes nothing
+                    return (problem(err) + " Polling stopped: reload the page once the token is fixed.",
+                            gr.skip(), gr.skip(), gr.Timer(active=False), handle)
+                return problem(err), gr.skip(), gr.skip(), session.follow_timer(handle), handle
             except UdquantError as err:
-                return problem(err), gr.skip(), gr.skip(), gr.Timer(active=True), handle
+                return problem(err), gr.skip(), gr.skip(), session.follow_timer(handle), handle
+            shown = describe_status(handle, status)
+            try:
+                lines: Any = "\n".join(backend.logs(handle, tail=LOG_TAIL))
+            except UdquantError as err:
+                lines = gr.skip()
+                shown += f"\n\n(log not readable now: {err})"
             if not status.terminal:
-                return describe_status(handle, status), "\n".join(lines), "", gr.Timer(active=True), handle
+                return shown, lines, "", session.follow_timer(handle), handle
+            link = None
+            try:
+                link = backend.result_link(handle) if status.state == "completed" else None
+            except UdquantError as err:
+                logger.warning("cannot read the result link of %s: %s", handle.job_id, err)
+            if status.state == "completed" and link is None and handle.output_repo:
+                link = repo_url(handle.output_repo)
+            try:
+                backend.release(handle)
+            except UdquantError as err:
+                logger.warning("cannot release %s job %s: %s", handle.backend, handle.job_id, err)
             session.registry.finish(session.user(token), handle)
-            done = f"**Output repo:** [{link}]({link})" if link else ""
-            return describe_status(handle, status), "\n".join(lines), done, gr.Timer(active=False), None
+            if link:
+                done = f"**Output repo:** [{link}]({link})"
+            elif status.state == "completed" and handle.url:  # the job printed no repo URL: its run tells more
+                done = f"The job printed no repo URL; see [its run page]({handle.url})."
+            else:
+                done = ""
+            return shown, lines, done, gr.Timer(active=False), None
 
         def cancel_job(handle: JobHandle | None, gh_token: str, oauth_token: gr.OAuthToken | None) -> str:
             token = session.token(oauth_token)

@@ -177,6 +177,17 @@ def _wait_for_minutes(page: Any, flavor: str, wanted: Callable[[int], bool]) -> 
         page.wait_for_timeout(200)
 
 
+def _start_a_long_hf_job(space: dict[str, Any], page: Any) -> None:
+    """An HF Job that keeps running, started from the form and shown as running."""
+    from playwright.sync_api import expect
+
+    space["jobs"].progression = ["SCHEDULING"] + ["RUNNING"] * 10_000
+    _fill_and_inspect(page, space["url"])
+    page.locator("#confirm").get_by_role("checkbox").check()
+    page.locator("#submit").click()
+    expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
+
+
 def test_inspect_submit_watch_and_link(space: dict[str, Any], page: Any) -> None:
     from playwright.sync_api import expect
 
@@ -230,11 +241,7 @@ def test_one_running_job_per_user_and_cancel(space: dict[str, Any], page: Any) -
     from playwright.sync_api import expect
 
     jobs: HubJobs = space["jobs"]
-    jobs.progression = ["SCHEDULING"] + ["RUNNING"] * 10_000
-    _fill_and_inspect(page, space["url"])
-    page.locator("#confirm").get_by_role("checkbox").check()
-    page.locator("#submit").click()
-    expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
+    _start_a_long_hf_job(space, page)
     page.locator("#submit").click()
     expect(page.locator("#job-info")).to_contain_text("one running job per user", timeout=30_000)
     _shot(page, "06-queue-limit")
@@ -269,6 +276,23 @@ def test_a_job_started_before_the_page_opened_is_followed(space: dict[str, Any],
     page.locator("#cancel").click()
     expect(page.locator("#job-status")).to_contain_text("canceled", timeout=30_000)
     assert len(jobs.created) == 1
+
+
+def test_a_refused_token_stops_the_polling_until_the_page_is_opened_again(space: dict[str, Any], page: Any) -> None:
+    from playwright.sync_api import expect
+
+    jobs: HubJobs = space["jobs"]
+    _start_a_long_hf_job(space, page)
+    status = page.locator("#job-status")
+    jobs.users.clear()  # the token was revoked while the job ran
+    expect(status).to_contain_text("Polling stopped", timeout=30_000)
+    _shot(page, "12-token-refused")
+    jobs.users[TEST_TOKEN] = "alice"
+    page.wait_for_timeout(2_500)  # two more ticks would have shown "running" again
+    expect(status).to_contain_text("Polling stopped")
+    page.reload()
+    expect(page.locator("#job-info")).to_contain_text("Following your hf-jobs job", timeout=30_000)
+    expect(status).to_contain_text("running", timeout=30_000)
 
 
 def test_dispatch_to_a_self_hosted_github_runner(space: dict[str, Any], page: Any) -> None:
@@ -320,6 +344,37 @@ def test_local_docker_job_to_its_link_and_its_container_removed(space: dict[str,
     page.locator("#submit").click()  # the slot is free again
     expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
     assert len(engine.state.containers) == 1 and container_id not in engine.state.containers
+
+
+def test_docker_jobs_of_an_earlier_space_are_followed_and_their_ended_containers_removed(
+        space: dict[str, Any], page: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted Space (or a closed tab) left two containers of alice's: an ended one, which still holds her token,
+    and a running one. Opening the page removes the first and follows the second, which holds her one-job slot."""
+    from playwright.sync_api import expect
+
+    from udquant.dispatch.base import make_request
+    from udquant.dispatch.docker_backend import DockerBackend
+
+    engine: FakeDockerEngine = space["engine"]
+    monkeypatch.setenv("DOCKER_HOST", engine.docker_host)
+    earlier = DockerBackend(TEST_TOKEN, user="alice")
+    ended = earlier.start(make_request(REPO, "alice"))
+    engine.finish(ended.job_id, 0, stdout=["https://huggingface.co/alice/Distill-8B-UD-GGUF"])
+    running = earlier.start(make_request(REPO, "alice"))
+    DockerBackend(TEST_TOKEN, user="bob").start(make_request(REPO, "bob"))  # not alice's: left alone
+    assert len(engine.state.containers) == 3
+    _fill_and_inspect(page, space["url"])
+    expect(page.locator("#job-info")).to_contain_text(f"Following your docker job {running.job_id}", timeout=30_000)
+    expect(page.locator("#job-status")).to_contain_text("running", timeout=30_000)
+    assert ended.job_id not in engine.state.containers and running.job_id in engine.state.containers
+    assert len(engine.state.containers) == 2
+    page.locator("#target").get_by_label("Local Docker").check()
+    page.locator("#submit").click()
+    expect(page.locator("#job-info")).to_contain_text(f"job {running.job_id} (docker) is still running",
+                                                      timeout=30_000)
+    page.locator("#cancel").click()
+    expect(page.locator("#job-status")).to_contain_text("canceled", timeout=30_000)
+    assert running.job_id not in engine.state.containers  # released once its end was shown
 
 
 def test_a_sign_in_that_would_expire_before_the_upload_is_refused() -> None:

@@ -9,7 +9,10 @@ The routes are those huggingface_hub's HfApi calls (read from its source, versio
   GET  /api/jobs/{namespace}/{id}/logs      fetch_job_logs (server-sent events, ?tail=N)
   POST /api/jobs/{namespace}/{id}/cancel    cancel_job
 A job moves one stage along `progression` each time its status is read, and prints the
-lines the real job prints, its last line the URL of the output repo.
+lines the real job prints, its last line the URL of the output repo. As the Hub does, it
+answers 400 to a flavor not in its hardware list and to a label key or value with a character
+other than letters, digits, '-' and '_', and holds a running job's log stream open a while
+(`log_hold_s`; the Hub holds it until the client's 5 s read timeout).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +49,8 @@ HARDWARE = [
      "unitCostMicroUSD": 83333, "unitCostUSD": 0.083333, "unitLabel": "minute"},
 ]
 TERMINAL = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
+LABEL = re.compile(r"[A-Za-z0-9_-]+")
+LOG_HOLD_S = 1.0
 
 
 def _now() -> str:
@@ -85,6 +91,9 @@ class HubJobs:
         self.created: list[dict[str, Any]] = []  # job specs as received
         self.progression = ["SCHEDULING", "RUNNING", "RUNNING", "COMPLETED"]
         self.final_stage = "COMPLETED"
+        self.hardware = [dict(flavor) for flavor in HARDWARE]  # what /api/jobs/hardware lists and run_job accepts
+        self.drop_hardware_requests = False  # close the connection of a hardware request without an answer
+        self.log_hold_s = LOG_HOLD_S
         self.lock = threading.Lock()
 
     def install(self) -> HubJobs:
@@ -109,6 +118,9 @@ class HubJobs:
             self.jobs.clear()
             self.created.clear()
             self.progression = ["SCHEDULING", "RUNNING", "RUNNING", "COMPLETED"]
+            self.hardware = [dict(flavor) for flavor in HARDWARE]
+            self.drop_hardware_requests = False
+            self.log_hold_s = LOG_HOLD_S
 
     # -- routing -----------------------------------------------------------------------------
     def route(self, handler: Any) -> bool:
@@ -117,7 +129,10 @@ class HubJobs:
         if path == "/api/whoami-v2" and handler.command == "GET":
             return self._whoami(handler)
         if path == "/api/jobs/hardware" and handler.command == "GET":
-            handler.send_json(HARDWARE)
+            if self.drop_hardware_requests:
+                handler.close_connection = True
+            else:
+                handler.send_json(self.hardware)
             return True
         match = re.fullmatch(r"/api/jobs/([^/]+)(?:/([^/]+)(?:/(logs|cancel))?)?", path)
         if not match:
@@ -168,6 +183,10 @@ class HubJobs:
     # -- jobs --------------------------------------------------------------------------------
     def _create(self, handler: Any, namespace: str) -> bool:
         spec = self._body(handler)
+        refusal = self._refusal(spec)
+        if refusal:
+            handler._error(400, refusal)
+            return True
         job = FakeJob(id=uuid.uuid4().hex[:24], namespace=namespace, spec=spec, stages=list(self.progression))
         with self.lock:
             self.created.append(spec)
@@ -175,6 +194,16 @@ class HubJobs:
             self._log(job, f"===== Job started at {job.created_at} =====")
         handler.send_json(job.info(self.server.url))
         return True
+
+    def _refusal(self, spec: dict[str, Any]) -> str | None:
+        flavor = spec.get("flavor")
+        if flavor not in {offered["name"] for offered in self.hardware}:
+            return f"Invalid flavor {flavor!r}: not an available hardware flavor"
+        for key, value in (spec.get("labels") or {}).items():
+            if not LABEL.fullmatch(key) or not LABEL.fullmatch(value):
+                return (f"Invalid label {key}={value}: label keys and values allow only alphanumerics, "
+                        "`-` and `_`")
+        return None
 
     def _list(self, handler: Any, namespace: str, query: dict[str, list[str]]) -> bool:
         stages = set(query.get("stage", []))
@@ -212,8 +241,21 @@ class HubJobs:
     def _logs(self, handler: Any, job: FakeJob, query: dict[str, list[str]]) -> bool:
         with self.lock:
             events = list(job.logs)
+            running = job.stage not in TERMINAL
         if "tail" in query:
             events = events[-int(query["tail"][0]):]
         body = "".join(f"data: {json.dumps({'timestamp': ts, 'data': line})}\n\n" for ts, line in events).encode()
-        handler.send_body(200, body, "text/event-stream")
+        if not running:
+            handler.send_body(200, body, "text/event-stream")
+            return True
+        # A running job's stream stays open for lines to come: the lines so far, a wait, then its end.
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        if body:
+            handler.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        handler.wfile.flush()
+        time.sleep(self.log_hold_s)
+        handler.wfile.write(b"0\r\n\r\n")
         return True

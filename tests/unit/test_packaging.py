@@ -213,10 +213,16 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
 # --- the quantize workflow -----------------------------------------------------------------
 
 
-def expand(value: object, inputs: dict[str, object], secrets: dict[str, str], steps: dict[str, str]) -> str:
+RUN_CONTEXT = {"run_id": "4242", "run_attempt": "1"}  # the github context of the run the tests play
+
+
+def expand(value: object, inputs: dict[str, object], secrets: dict[str, str], steps: dict[str, str],
+           context: dict[str, str] | None = None) -> str:
     """An env: value as GitHub renders it, for the expressions these workflows use."""
     def render(match: re.Match[str]) -> str:
         scope, _, name = match.group(1).partition(".")
+        if scope == "github":
+            return (context or RUN_CONTEXT)[name]
         if scope == "inputs":
             given = inputs[name]
             return str(given).lower() if isinstance(given, bool) else str(given)
@@ -229,17 +235,50 @@ def expand(value: object, inputs: dict[str, object], secrets: dict[str, str], st
     return EXPRESSION.sub(render, str(value))
 
 
+# Plays the client and the daemon: `run` records its argv; its container (the --name, listed in
+# `containers`) outlives the client when FAKE_DOCKER_KILLED is set, as when the runner kills the
+# client on a cancel; `rm -f` records its argv and answers as the daemon does.
 FAKE_DOCKER = """#!/usr/bin/env bash
-printf '%s\\0' "$@" > "$FAKE_DOCKER_DIR/argv"
-printf '%s' "${HF_TOKEN-<unset>}" > "$FAKE_DOCKER_DIR/token"
-echo "some result line"
-echo "$FAKE_DOCKER_RESULT"
+containers="$FAKE_DOCKER_DIR/containers"
+touch "$containers"
+case "$1" in
+  run)
+    printf '%s\\0' "$@" > "$FAKE_DOCKER_DIR/argv"
+    printf '%s' "${HF_TOKEN-<unset>}" > "$FAKE_DOCKER_DIR/token"
+    name=""
+    for ((i = 1; i < $#; i++)); do
+      [ "${!i}" = --name ] && { j=$((i + 1)); name=${!j}; }
+    done
+    if [ -n "${FAKE_DOCKER_KILLED-}" ]; then
+      echo "$name" >> "$containers"
+      exit 137
+    fi
+    echo "some result line"
+    echo "$FAKE_DOCKER_RESULT" ;;
+  rm)
+    printf '%s\\0' "$@" > "$FAKE_DOCKER_DIR/rm-argv"
+    if [ -n "${FAKE_DOCKER_DOWN-}" ]; then
+      echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock." >&2
+      exit 1
+    fi
+    name=${!#}
+    if ! grep -qxF -- "$name" "$containers"; then
+      echo "Error response from daemon: No such container: $name" >&2
+      exit 1
+    fi
+    grep -vxF -- "$name" "$containers" > "$containers.new" || true
+    mv "$containers.new" "$containers"
+    echo "$name" ;;
+  *) echo "fake docker: unexpected $1" >&2; exit 2 ;;
+esac
 """
 
 
 def run_step(step: dict, tmp_path: Path, inputs: dict[str, object], secrets: dict[str, str] | None = None,
-             steps: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run one step's script the way `shell: bash` does, with the runner's variables and a fake docker."""
+             steps: dict[str, str] | None = None, context: dict[str, str] | None = None,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one step's script the way `shell: bash` does, with the runner's variables, the job's env:
+    and a fake docker."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
     docker = fake_bin / "docker"
@@ -254,8 +293,10 @@ def run_step(step: dict, tmp_path: Path, inputs: dict[str, object], secrets: dic
         "GITHUB_OUTPUT": str(tmp_path / "output"), "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
         "FAKE_DOCKER_DIR": str(tmp_path), "FAKE_DOCKER_RESULT": RESULT_LINE,
     }
-    for key, value in step.get("env", {}).items():
-        env[key] = expand(value, {**defaults, **inputs}, secrets or {}, steps or {})
+    job_env = load_workflow(QUANTIZE)["jobs"]["quantize"].get("env", {})
+    for key, value in {**job_env, **step.get("env", {})}.items():
+        env[key] = expand(value, {**defaults, **inputs}, secrets or {}, steps or {}, context)
+    env.update(extra_env or {})
     script = tmp_path / "step.sh"
     script.write_text(step["run"])
     assert step.get("shell") == "bash", "steps run with bash -eo pipefail"
@@ -371,6 +412,65 @@ def test_quantize_writes_the_result_to_the_summary(tmp_path):
     (tmp_path / "summary.md").unlink()
     assert run_step(summary, tmp_path, {"repo": "o/n"}, steps={"job.outcome": "failure"}).returncode == 0
     assert "Result:" not in (tmp_path / "summary.md").read_text()
+
+
+def docker_option(argv: list[str], option: str) -> str:
+    docker_options, _, _ = split_docker_run(argv)
+    assert docker_options.count(option) == 1, f"{option} in {docker_options}"
+    return docker_options[docker_options.index(option) + 1]
+
+
+def test_quantize_removes_the_container_a_cancel_leaves_running(tmp_path):
+    """Cancelling the run (or timeout-minutes) kills the docker client, not the container the daemon runs:
+    a step that runs even then removes the container by the name the run step gave it."""
+    workflow = load_workflow(QUANTIZE)
+    cleanup = step_named(workflow, "Remove the container")
+    assert cleanup.get("if") in ("always()", "cancelled()")
+    names = [step.get("name") for step in all_steps(workflow)]
+    assert names.index("Remove the container") > names.index("Run the job")
+    killed = run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "o/n"}, {"HF_TOKEN": FAKE_TOKEN},
+                      extra_env={"FAKE_DOCKER_KILLED": "1"})
+    assert killed.returncode == 137
+    name = docker_option(docker_argv(tmp_path), "--name")
+    assert name == "udquant-4242-1"
+    assert (tmp_path / "containers").read_text().split() == [name]  # the daemon still runs it
+    done = run_step(cleanup, tmp_path, {"repo": "o/n"}, {"HF_TOKEN": FAKE_TOKEN})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "rm-argv").read_text().split("\0")[:-1] == ["rm", "-f", name]
+    assert (tmp_path / "containers").read_text().split() == []
+    assert f"removed the container {name}" in done.stdout
+    assert FAKE_TOKEN not in done.stdout + done.stderr
+
+
+def test_quantize_container_names_differ_between_runs_and_attempts(tmp_path):
+    step = step_named(load_workflow(QUANTIZE), "Run the job")
+    seen = set()
+    for context in ({"run_id": "4242", "run_attempt": "1"}, {"run_id": "4242", "run_attempt": "2"},
+                    {"run_id": "4243", "run_attempt": "1"}):
+        assert run_step(step, tmp_path, {"repo": "o/n"}, context=context).returncode == 0
+        seen.add(docker_option(docker_argv(tmp_path), "--name"))
+    assert len(seen) == 3
+
+
+def test_quantize_container_removal_tolerates_an_ended_container(tmp_path):
+    workflow = load_workflow(QUANTIZE)
+    cleanup = step_named(workflow, "Remove the container")
+    assert run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "o/n"}).returncode == 0
+    ended = run_step(cleanup, tmp_path, {"repo": "o/n"})  # --rm has removed it: the daemon knows no such container
+    assert ended.returncode == 0, ended.stdout + ended.stderr
+    assert (tmp_path / "rm-argv").read_text().split("\0")[:-1] == ["rm", "-f", "udquant-4242-1"]
+    assert "already ended" in ended.stdout and "::warning::" not in ended.stdout
+    down = run_step(cleanup, tmp_path, {"repo": "o/n"}, extra_env={"FAKE_DOCKER_DOWN": "1"})
+    assert down.returncode == 0  # a warning, not a failure of a run whose job may have succeeded
+    assert "::warning::could not remove the container udquant-4242-1" in down.stdout
+
+
+def test_quantize_queues_every_dispatch_for_a_model():
+    """Without `queue: max` GitHub keeps one pending run per group and cancels it for a newer one."""
+    concurrency = load_workflow(QUANTIZE)["concurrency"]
+    assert concurrency["group"] == "quantize-${{ inputs.repo }}"
+    assert concurrency.get("queue") == "max"
+    assert not concurrency.get("cancel-in-progress", False)  # `queue` requires it false or unset
 
 
 def test_quantize_hands_the_token_to_the_container_by_name_only(tmp_path):

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from huggingface_hub import constants
+
 from udquant import __version__
 from udquant.errors import InputError, UdquantError
 from udquant.library import recipes_dir
@@ -45,6 +47,11 @@ class DispatchError(UdquantError):
 def default_image() -> str:
     """The job image of this release: the dispatcher and the job always have the same version."""
     return f"{IMAGE_REPOSITORY}:{__version__}"
+
+
+def repo_url(repo_id: str) -> str:
+    """The Hub page of a repo (HF_ENDPOINT's host): the result link of a job that uploaded there."""
+    return f"{constants.ENDPOINT}/{repo_id}"
 
 
 def library_levels() -> tuple[str, ...]:

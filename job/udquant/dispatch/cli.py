@@ -27,6 +27,7 @@ from udquant.dispatch.base import (
     check_upload_target,
     make_request,
     output_repo_for,
+    repo_url,
 )
 from udquant.dispatch.job_command import default_image
 from udquant.errors import InputError
@@ -37,6 +38,8 @@ from udquant.resolve import validate_repo_id
 logger = logging.getLogger(__name__)
 
 POLL_RETRIES = 5  # failed status looks in a row that --wait tolerates (network, 429, 5xx)
+EXIT_INTERRUPTED = 130
+TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _env_token(name: str, backend: str) -> str:
@@ -64,7 +67,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "docker":
         from udquant.dispatch.docker_backend import DockerBackend
 
-        return DockerBackend(token, followed=args.wait)
+        # Labelled with the token's user: a Space on this engine then follows the job and removes it when ended.
+        return DockerBackend(token, followed=args.wait, user=_namespace(token))
     from udquant.dispatch.hf_jobs import HfJobsBackend
 
     return HfJobsBackend(token, flavor=args.flavor, timeout=args.timeout)
@@ -88,10 +92,14 @@ def request_from_args(args: argparse.Namespace) -> DispatchRequest:
 
 
 def _job_timeout(text: str) -> str:
-    """An HF Jobs time limit as huggingface_hub reads it: whole seconds (it applies int()), or a number
-    with s, m, h or d."""
-    if not re.fullmatch(r"\d+|\d+(\.\d+)?[smhd]", text) or not float(text.rstrip("smhd")) > 0:
+    """An HF Jobs time limit as huggingface_hub reads it: whole seconds, or a number with s, m, h or d, which
+    it turns into int(number * unit) seconds: at least one, since 0.5s would be sent as 0."""
+    if not re.fullmatch(r"\d+|\d+(\.\d+)?[smhd]", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a time limit such as 8h, 90m or 3600")
+    unit = TIME_UNITS.get(text[-1], 1)
+    if int(float(text.rstrip("smhd")) * unit) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time limit such as 8h, 90m or 3600: "
+                                         "the shortest is 1 second (the Hub counts whole seconds)")
     return text
 
 
@@ -128,24 +136,63 @@ def _watch(backend: Backend, handle: JobHandle, poll: float, timeout_minutes: fl
 
 def _unfollowed_hint(handle: JobHandle) -> str:
     if handle.backend == "docker":
-        return (f"`docker logs -f {handle.job_id[:12]}` follows it; remove it with `docker rm` once it has ended "
-                "(the engine stores HF_TOKEN with the container)")
+        short = handle.job_id[:12]
+        return (f"`docker logs -f {short}` follows it, `docker stop {short}` cancels it; remove it with "
+                f"`docker rm {short}` once it has ended (the engine stores HF_TOKEN with the container)")
     return "cancel it where it runs if it is stuck"
 
 
 def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
-    """Poll until the job ends; the link of the uploaded repo is the last stdout line."""
+    """Poll until the job ends; the link of the uploaded repo is the last stdout line.
+
+    Ctrl-C stops following, not the job: it says how to reach the job, since running the same command
+    again would start a second one.
+    """
+    try:
+        return _follow(backend, handle, args)
+    except KeyboardInterrupt as interrupt:
+        from udquant.cli import EXIT_TERMINATED, Terminated  # the entry point, loaded already: no cycle
+
+        print(f"stopped following {handle.backend} job {handle.job_id}, which goes on running (the same command "
+              f"would start another job): " + (f"{handle.url}; " if handle.url else "") + _unfollowed_hint(handle),
+              file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
+def _follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
     status = _watch(backend, handle, args.poll, args.wait_timeout)
-    for line in backend.logs(handle, tail=args.tail):
-        print(line, file=sys.stderr)
-    if status.state != "completed":
+    # Whatever cannot be read now, the ended job is released: a Docker container holds the token.
+    try:
+        for line in _log_tail(backend, handle, args.tail):
+            print(line, file=sys.stderr)
+        link = _result_link(backend, handle) if status.state == "completed" else None
+    finally:
         backend.release(handle)
+    if status.state != "completed":
         raise DispatchError(backend.name, f"job {handle.job_id} ended {status.state}: {status.detail}")
-    link = backend.result_link(handle)
-    backend.release(handle)
     if link:
         print(link)
+    else:
+        print("the job printed no repo URL" + (f"; its run: {handle.url}" if handle.url else ""), file=sys.stderr)
     return 0
+
+
+def _log_tail(backend: Backend, handle: JobHandle, tail: int) -> list[str]:
+    try:
+        return backend.logs(handle, tail=tail)
+    except DispatchError as err:
+        logger.warning("the job's log cannot be read: %s", err)
+        return []
+
+
+def _result_link(backend: Backend, handle: JobHandle) -> str | None:
+    """The backend's link of the result; the output repo's page when it cannot tell."""
+    known = repo_url(handle.output_repo) if handle.output_repo else None
+    try:
+        return backend.result_link(handle) or known
+    except DispatchError as err:
+        logger.warning("the job's result link cannot be read (%s); it uploads to %s", err, known or "its output repo")
+        return known
 
 
 def dispatch_command(args: argparse.Namespace) -> int:

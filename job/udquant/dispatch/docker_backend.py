@@ -7,27 +7,45 @@ the Docker engine (and thereby the host), and never appears in the command line,
 labels or our logs. The engine stores it with the container, so no container outlives its
 job: a followed one is removed once its result is read (a failed one's log saved to a file
 first), one nobody follows is started with auto-remove, and one that could not start is
-removed at once.
+removed at once. A front end that lost track of its jobs (restarted, page closed) finds a
+user's by their labels: running_jobs() to follow them again, remove_ended() to remove the
+ended ones.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
 import docker.types
+import docker.utils
 import requests.exceptions
-from huggingface_hub import constants
+import urllib3.exceptions
 
 from udquant import __version__
-from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, link_from_logs, redact
+from udquant.dispatch.base import (
+    DispatchError,
+    DispatchRequest,
+    JobHandle,
+    JobStatus,
+    link_from_logs,
+    output_repo_for,
+    redact,
+    repo_url,
+)
 from udquant.dispatch.job_command import build_job_args
+from udquant.errors import UdquantError
+from udquant.progress import StageProgress, stage_progress
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +56,34 @@ NAME = "docker"
 DATA_VOLUME = "udquant-data"
 DATA_PATH = "/data"
 LABEL_PREFIX = "org.udquant"
+JOB_LABEL = f"{LABEL_PREFIX}.job=udquant-job"
+USER_LABEL = f"{LABEL_PREFIX}.user"  # the Hub user the job is for: a front end finds that user's jobs by it
+# Container states (docker ps --filter status=...): those of a job not ended yet, and of one that has.
+ACTIVE_STATES = ("created", "restarting", "running", "paused")
+ENDED_STATES = ("exited", "dead")
 JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 # Where a failed job's container log is saved (next to the job's own default output, ./udquant-out).
 FAILED_LOG_DIR = Path("udquant-out") / "docker-logs"
+
+
+# What the engine's own words mean for the user: (text in the engine's message, what to do).
+_ENGINE_HINTS = (
+    ("could not select device driver", "this Docker engine cannot give containers a GPU: install the NVIDIA "
+     "Container Toolkit and restart Docker (https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/"
+     "latest/install-guide.html); `docker run --rm --gpus all ubuntu nvidia-smi` checks it"),
+    ("no space left on device", "free disk space where Docker keeps its images (`docker system df`)"),
+    ("pull access denied", "check the image name (--image), and `docker login` to its registry if it is private"),
+    ("requested access to the resource is denied", "`docker login` to the image's registry if it is private"),
+    ("unauthorized", "`docker login` to the image's registry if the image is private"),
+    ("manifest unknown", "check the image name and tag (--image)"),
+)
+PERMISSION_HINT = ("add your user to the docker group (`sudo usermod -aG docker $USER`, then log in again), or use "
+                   "rootless Docker: DOCKER_HOST=unix://$XDG_RUNTIME_DIR/docker.sock")
+
+
+def engine_hint(message: str) -> str | None:
+    lowered = message.lower()
+    return next((hint for text, hint in _ENGINE_HINTS if text in lowered), None)
 
 
 def gpu_request() -> docker.types.DeviceRequest:
@@ -49,48 +92,91 @@ def gpu_request() -> docker.types.DeviceRequest:
 
 
 def connect(timeout: float = 10) -> docker.DockerClient:
-    """A client for the engine named by DOCKER_HOST (default: the local socket)."""
+    """A client for the engine named by DOCKER_HOST (default: the local socket).
+
+    The timeout bounds each request; a pull, which may be quiet for minutes while a layer is
+    unpacked, is sent without one (the SDK's pull asks for none, whatever the client's).
+    """
     try:
         return docker.from_env(timeout=int(timeout))
     except docker.errors.DockerException as err:
-        raise DispatchError(NAME, f"no Docker engine answers: {err}",
-                            hint="start Docker, or set DOCKER_HOST to the engine's socket") from None
+        raise unreachable_error(err) from None
+
+
+def unreachable_error(err: BaseException) -> DispatchError:
+    """Why no engine can be used: refused by the socket's permissions (it runs), or none answers."""
+    host = os.environ.get("DOCKER_HOST") or "the default socket"
+    if _permission_denied(err):
+        return DispatchError(NAME, f"no permission to use the Docker engine at {host}: {err}", hint=PERMISSION_HINT)
+    return DispatchError(NAME, f"no Docker engine answers at {host}: {err}",
+                         hint="start Docker, or set DOCKER_HOST to the engine's socket")
+
+
+def _permission_denied(err: BaseException) -> bool:
+    # The SDK wraps the socket's PermissionError in requests' and its own errors, through arguments and chains.
+    pending: list[object] = [err]
+    seen: set[int] = set()
+    while pending:
+        cause = pending.pop()
+        if not isinstance(cause, BaseException) or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, PermissionError):
+            return True
+        pending += [cause.__cause__, cause.__context__, *cause.args]
+    return "permission denied" in str(err).lower()
 
 
 def engine_available(timeout: float = 2) -> bool:
-    """Whether a Docker engine answers here: the Space offers local Docker only then."""
+    """Whether a Docker engine answers here and may be used: the Space offers local Docker only then.
+    Why not is logged once (a warning when the engine runs but refuses this user)."""
     try:
         client = docker.from_env(timeout=int(max(timeout, 1)))
         return bool(client.ping())
-    except (docker.errors.DockerException, requests.exceptions.RequestException):
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+        reason = unreachable_error(err)
+        _log_once(logging.WARNING if _permission_denied(err) else logging.INFO,
+                  f"local Docker is not available: {reason} ({reason.hint})")
         return False
+
+
+@functools.cache
+def _log_once(level: int, message: str) -> None:
+    logger.log(level, message)
 
 
 class DockerBackend:
     name = NAME
 
     def __init__(self, token: str, *, client: docker.DockerClient | None = None,
-                 failed_log_dir: Path = FAILED_LOG_DIR, followed: bool = True) -> None:
+                 failed_log_dir: Path = FAILED_LOG_DIR, followed: bool = True, user: str | None = None) -> None:
         """followed=False: nobody will read the result and release the container, so the engine removes it
-        when the job ends (its log goes with it; each stage's log stays in the volume)."""
+        when the job ends (its log goes with it; each stage's log stays in the volume).
+        user: the Hub user the jobs are for, put in a label so that running_jobs and remove_ended find them."""
         if not token:
             raise DispatchError(NAME, "a Hugging Face token is needed to upload the result", hint="set HF_TOKEN")
         self._token = token
         self._client = client or connect()
         self.failed_log_dir = failed_log_dir
         self.followed = followed
+        self.user = user
 
     @contextmanager
     def _calls(self, action: str) -> Iterator[None]:
         try:
             yield
         except docker.errors.NotFound as err:
-            raise DispatchError(NAME, f"{action}: {redact(str(err.explanation or err), [self._token])}",
-                                status_code=404) from None
+            message = redact(str(err.explanation or err), [self._token])
+            raise DispatchError(NAME, f"{action}: {message}", status_code=404, hint=engine_hint(message)) from None
         except docker.errors.APIError as err:
-            raise DispatchError(NAME, f"{action} failed: {redact(str(err.explanation or err), [self._token])}",
-                                status_code=err.status_code) from None
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+            message = redact(str(err.explanation or err), [self._token])
+            raise DispatchError(NAME, f"{action} failed: {message}", status_code=err.status_code,
+                                hint=engine_hint(message)) from None
+        # urllib3's own: a stream (a pull) cut off midway is read from the raw response, past requests.
+        except (docker.errors.DockerException, requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError) as err:
+            if _permission_denied(err):
+                raise unreachable_error(err) from None
             raise DispatchError(NAME, f"{action} failed: {redact(str(err), [self._token])}") from None
 
     def container_spec(self, request: DispatchRequest) -> dict[str, Any]:
@@ -107,21 +193,52 @@ class DockerBackend:
             "auto_remove": not self.followed,
             "volumes": {DATA_VOLUME: {"bind": DATA_PATH, "mode": "rw"}},
             "environment": {**JOB_ENV, "HF_TOKEN": self._token},
-            "labels": {f"{LABEL_PREFIX}.job": "udquant-job", f"{LABEL_PREFIX}.version": __version__,
-                       f"{LABEL_PREFIX}.repo": request.repo_id, f"{LABEL_PREFIX}.output-repo": request.output_repo},
+            "labels": self._labels(request),
         }
+
+    def _labels(self, request: DispatchRequest) -> dict[str, str]:
+        labels = {f"{LABEL_PREFIX}.job": "udquant-job", f"{LABEL_PREFIX}.version": __version__,
+                  f"{LABEL_PREFIX}.repo": request.repo_id}
+        if request.output_repo is not None:
+            labels[f"{LABEL_PREFIX}.output-repo"] = request.output_repo
+        if self.user is not None:
+            labels[USER_LABEL] = self.user
+        return labels
 
     def start(self, request: DispatchRequest) -> JobHandle:
         spec = self.container_spec(request)
+        self._ensure_image(request.image)
         logger.info("starting %s in local Docker: %s", request.image, " ".join(spec["entrypoint"] + spec["command"]))
         try:
-            with self._calls("containers.run"):
+            with self._calls("starting the job's container"):
                 container = self._client.containers.run(**spec)
-        except DispatchError:
+        except (DispatchError, KeyboardInterrupt):  # Ctrl-C between create and start leaves one too
             self._remove_unstarted(spec["name"])
             raise
+        return self._handle(container, request.output_repo)
+
+    def _handle(self, container: Any, output_repo: str | None) -> JobHandle:
         return JobHandle(backend=NAME, job_id=str(container.id), location=str(self._client.api.base_url),
-                         output_repo=request.output_repo, url=None)
+                         output_repo=output_repo, url=None)
+
+    def _ensure_image(self, image: str) -> None:
+        """Pull the image unless it is here. Not left to containers.run: its pull discards the engine's
+        progress and error entries, so a pull that failed (disk full, access denied) would show only as
+        "No such image", and a multi-GB pull would show nothing for many minutes."""
+        with self._calls("looking for the image"), suppress(docker.errors.ImageNotFound):
+            self._client.images.get(image)
+            return
+        repository, tag = docker.utils.parse_repository_tag(image)
+        logger.info("pulling %s (not on this machine yet)", image)
+        with self._calls(f"pulling {image}"), stage_progress("pull") as bar:
+            progress = PullProgress(image, bar)
+            for entry in self._client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                failure = (entry.get("errorDetail") or {}).get("message") or entry.get("error")
+                if failure:
+                    message = redact(str(failure), [self._token])
+                    raise DispatchError(NAME, f"pulling {image} failed: {message}", hint=engine_hint(message))
+                progress.update(entry)
+        logger.info("pulled %s", image)
 
     def _remove_unstarted(self, name: str) -> None:
         """containers.run creates, then starts: a start that failed (no NVIDIA runtime, say) leaves a created
@@ -142,10 +259,12 @@ class DockerBackend:
         if status in ("running", "paused"):
             return JobStatus("running", status)
         code = int(state.get("ExitCode", -1))
-        if state.get("OOMKilled"):
-            return JobStatus("failed", f"killed for lack of memory (OOMKilled), exit code {code}")
+        # The exit code first: OOMKilled is set when any process of the container was killed, also a child the
+        # job survived (a tool it retried), and then the job exited 0.
         if code == 0:
             return JobStatus("completed", "exited 0")
+        if state.get("OOMKilled"):
+            return JobStatus("failed", f"killed for lack of memory (OOMKilled), exit code {code}")
         if code in (130, 137, 143) and status == "exited":  # stopped by us (SIGTERM/SIGKILL) or interrupted
             return JobStatus("canceled", f"exited {code}")
         return JobStatus("failed", f"{status}, exit code {code}")
@@ -158,15 +277,23 @@ class DockerBackend:
         return [redact(line, [self._token]) for line in text.splitlines()][-tail:]
 
     def cancel(self, handle: JobHandle) -> None:
+        """Stop the job (SIGTERM, then SIGKILL after 30 s); one that has ended already is left as it is."""
         container = self._container(handle)
         with self._calls("stop"):
-            container.stop(timeout=30)
+            container.stop(timeout=30)  # the engine answers 304 for a stopped container: no error
 
     def result_link(self, handle: JobHandle) -> str | None:
-        """The URL the job printed last (the uploaded repo), once it has completed."""
+        """The URL the job printed last (the uploaded repo), once it has completed; the output repo's page when
+        the log cannot be read (a log driver such as `none` keeps none)."""
         if self.status(handle).state != "completed":
             return None
-        return link_from_logs(self.logs(handle, tail=20)) or f"{constants.ENDPOINT}/{handle.output_repo}"
+        known = repo_url(handle.output_repo) if handle.output_repo else None
+        try:
+            lines = self.logs(handle, tail=20)
+        except DispatchError as err:
+            logger.warning("the job's log cannot be read (%s); its result is at %s", err, known or "its output repo")
+            return known
+        return link_from_logs(lines) or known
 
     def release(self, handle: JobHandle) -> None:
         """Remove an ended job's container once its result has been read; a failed one's log is saved first.
@@ -178,11 +305,62 @@ class DockerBackend:
             raise DispatchError(NAME, f"container {handle.job_id[:12]} is still {status.state}; cancel it first")
         container = self._container(handle)
         if status.state == "failed":
-            saved = self._save_log(container, handle)
-            logger.info("the failed job's log is in %s (its container is removed: the engine stored HF_TOKEN "
-                        "with it); the udquant-data volume keeps its work dir and each stage's log", saved)
+            try:
+                saved = self._save_log(container, handle)
+            except (DispatchError, OSError) as err:  # removed all the same: the token must not stay behind
+                logger.warning("the failed job's log cannot be saved (%s); its container is removed all the same "
+                               "(the engine stored HF_TOKEN with it); the udquant-data volume keeps its work dir and "
+                               "each stage's log", err)
+            else:
+                logger.info("the failed job's log is in %s (its container is removed: the engine stored HF_TOKEN "
+                            "with it); the udquant-data volume keeps its work dir and each stage's log", saved)
         with self._calls("remove"):
             container.remove()
+
+    def running_jobs(self, user: str) -> list[JobHandle]:
+        """The user's udquant jobs that have not ended, newest first: a front end that restarted, or a page opened
+        again, follows them from here (found by the label of DockerBackend(user=...))."""
+        return [self._handle(container, self._output_repo(container, user))
+                for container in self._user_containers(user, ACTIVE_STATES)]
+
+    def remove_ended(self, user: str) -> list[str]:
+        """Remove the user's ended udquant containers that nobody released (a page closed, a front end restarted),
+        each as release() does: a failed one's log saved first. Returns the ids of the removed containers."""
+        removed = []
+        for container in self._user_containers(user, ENDED_STATES):
+            try:
+                self.release(self._handle(container, self._output_repo(container, user)))
+            except DispatchError as err:
+                if err.status_code != 404:
+                    raise
+                continue  # released meanwhile by whoever followed it
+            removed.append(str(container.id))
+        if removed:
+            logger.info("removed %d ended udquant container(s) of %s: %s", len(removed), user,
+                        ", ".join(cid[:12] for cid in removed))
+        return removed
+
+    def _user_containers(self, user: str, states: tuple[str, ...]) -> list[Any]:
+        if not user:
+            raise DispatchError(NAME, "no user given to look for jobs of")
+        with self._calls("listing containers"):
+            containers = self._client.containers.list(
+                all=True, filters={"label": [JOB_LABEL, f"{USER_LABEL}={user}"], "status": list(states)},
+                ignore_removed=True)
+        return sorted(containers, key=_created, reverse=True)
+
+    @staticmethod
+    def _output_repo(container: Any, user: str) -> str | None:
+        """The repo the job uploads to: its label, else the default for its source repo in the user's namespace
+        (what the job chooses when it was not named)."""
+        labels: dict[str, str] = container.labels or {}
+        if labels.get(f"{LABEL_PREFIX}.output-repo"):
+            return labels[f"{LABEL_PREFIX}.output-repo"]
+        source = labels.get(f"{LABEL_PREFIX}.repo", "")
+        try:
+            return output_repo_for(source, user) if "/" in source else None
+        except UdquantError:
+            return None
 
     def _save_log(self, container: Any, handle: JobHandle) -> Path:
         with self._calls("logs"):
@@ -192,3 +370,44 @@ class DockerBackend:
         path = self.failed_log_dir / f"udquant-job-{handle.job_id[:12]}.log"
         path.write_text(redact(text, [self._token]))
         return path
+
+
+class PullProgress:
+    """A pull's progress as the engine streams it: bytes of the layers being downloaded on the bar, and a log
+    line for each layer that is done (every other change of a layer's status at debug level)."""
+
+    def __init__(self, image: str, bar: StageProgress) -> None:
+        self.image = image
+        self._bar = bar
+        self._layers: dict[str, str] = {}  # layer id -> its latest status
+        self._downloads: dict[str, tuple[int, int]] = {}  # layer id -> (bytes done, bytes in all)
+
+    def update(self, entry: dict[str, Any]) -> None:
+        status, layer = str(entry.get("status", "")), entry.get("id")
+        if not layer or status.startswith("Pulling from"):  # the image's own lines: digest, result
+            logger.debug("%s: %s", self.image, status)
+            return
+        detail = entry.get("progressDetail") or {}
+        if status == "Downloading" and detail.get("total"):
+            self._downloads[layer] = (int(detail.get("current", 0)), int(detail["total"]))
+            self._bar.step(sum(done for done, _ in self._downloads.values()),
+                           sum(total for _, total in self._downloads.values()))
+        self._bar.line(f"{layer}: {status}")
+        if self._layers.get(layer) == status:
+            return
+        self._layers[layer] = status
+        if status in ("Pull complete", "Already exists"):
+            done = sum(state in ("Pull complete", "Already exists") for state in self._layers.values())
+            logger.info("%s: layer %s %s (%d of %d)", self.image, layer, status.lower(), done, len(self._layers))
+        else:
+            logger.debug("%s: layer %s %s", self.image, layer, status.lower())
+
+
+def _created(container: Any) -> datetime:
+    """When the engine created the container (RFC 3339 with up to nanoseconds, which Python reads up to micro)."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)",
+                         str(container.attrs.get("Created", "")))
+    if match is None:
+        return datetime.fromtimestamp(0).astimezone()
+    fraction = (match[2] or ".0")[:7].ljust(7, "0")
+    return datetime.fromisoformat(match[1] + fraction + ("+00:00" if match[3] == "Z" else match[3]))

@@ -7,6 +7,7 @@ CPUs, upload, each at a documented rate.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from gguf import GGML_QUANT_SIZES
 from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, base_logits_bytes
 from udquant.gguf_header import parse_ggml_type
 from udquant.recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 OVERHEAD_S = 180.0  # image pull and start
 DOWNLOAD_BPS = 200e6
@@ -29,6 +32,14 @@ CPU_OFFLOAD_SLOWDOWN = 8.0
 GPU_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "L40S": 362.0, "A100": 312.0, "H100": 990.0,
               "H200": 990.0, "RTX PRO 6000": 500.0}
 DEFAULT_TFLOPS = 60.0
+# CMAKE_CUDA_ARCHITECTURES the job image is built with: the Dockerfile's ARG CUDA_ARCHITECTURES (a test checks
+# they agree). Machine code for each -real one; the last one also keeps its PTX, which newer GPUs JIT-compile.
+IMAGE_CUDA_ARCHITECTURES = "80-real;86-real;89-real;90"
+# CUDA compute capability of each GPU model the hardware API names (NVIDIA's table, developer.nvidia.com/cuda-gpus).
+GPU_COMPUTE_CAPABILITY = {"V100": (7, 0), "T4": (7, 5), "A10G": (8, 6), "A100": (8, 0), "L4": (8, 9), "L40S": (8, 9),
+                          "H100": (9, 0), "H200": (9, 0), "B200": (10, 0), "B300": (10, 3),
+                          "RTX PRO 6000": (12, 0)}
+_warned_models: set[str] = set()
 JOB_TIME_LIMIT_HOURS = 8  # the time limit HF Jobs are started with; a job past it is stopped unfinished
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
 
@@ -65,6 +76,41 @@ def parse_amount(text: str | None, unit: float = 1.0) -> float:
     """'24 GB' -> 24e9 with unit=1e9; '12 vCPU' -> 12."""
     match = _NUMBER.search(text or "")
     return float(match.group(1)) * unit if match else 0.0
+
+
+def image_architectures(architectures: str = IMAGE_CUDA_ARCHITECTURES) -> str:
+    """'80-real;86-real;89-real;90' -> '80, 86, 89 and 90', for messages."""
+    names = [arch.removesuffix("-real") for arch in architectures.split(";")]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def runs_on(capability: tuple[int, int], architectures: str = IMAGE_CUDA_ARCHITECTURES) -> bool:
+    """Whether kernels built for these architectures run on a GPU of this compute capability: machine code for
+    X.Y runs on X.Z with Z >= Y, and PTX (an architecture without -real) is JIT-compiled on any newer GPU."""
+    for arch in architectures.split(";"):
+        built = divmod(int(arch.removesuffix("-real")), 10)  # 86 -> (8, 6)
+        same_family = built[0] == capability[0] and built[1] <= capability[1]
+        if same_family or (not arch.endswith("-real") and capability >= built):
+            return True
+    return False
+
+
+def image_cannot_run(gpu_model: str) -> str | None:
+    """Why the job image cannot run on this GPU model (ggml would abort once the billed job has started),
+    or None when it can. A model missing from GPU_COMPUTE_CAPABILITY passes, with a warning: HF Jobs adds
+    new GPUs, which the image's PTX serves, not old ones."""
+    capability = GPU_COMPUTE_CAPABILITY.get(gpu_model.upper())
+    if capability is None:
+        if gpu_model not in _warned_models:
+            _warned_models.add(gpu_model)
+            logger.warning("the GPU model %r is not in udquant's table of compute capabilities; it is assumed to "
+                           "be newer than the image's CUDA architectures (%s), whose PTX it runs",
+                           gpu_model, image_architectures())
+        return None
+    if not runs_on(capability):
+        return (f"its GPU, {gpu_model}, has compute capability {capability[0]}.{capability[1]}, and the job "
+                f"image is built for CUDA architectures {image_architectures()} only")
+    return None
 
 
 def bits_per_weight(recipe: Recipe) -> float:
@@ -122,6 +168,8 @@ def estimate_flavor(hardware: Hardware, n_params: int, level_bytes: list[int],
 
 def estimate_flavors(hardware: list[Hardware], n_params: int, level_bytes: list[int],
                      evaluation: EvalCost | None = None) -> list[FlavorEstimate]:
-    """GPU flavors only: those that fit first, then those that hold the model in VRAM, each cheapest first."""
-    estimates = [estimate_flavor(h, n_params, level_bytes, evaluation) for h in hardware if h.gpu_model]
+    """GPU flavors the job image runs on only: those that fit first, then those that hold the model in VRAM,
+    each cheapest first."""
+    estimates = [estimate_flavor(h, n_params, level_bytes, evaluation) for h in hardware
+                 if h.gpu_model and image_cannot_run(h.gpu_model) is None]
     return sorted(estimates, key=lambda e: (not e.fits, bool(e.note), e.cost_usd))

@@ -2,8 +2,9 @@
 
 The dispatch asks for the run it creates (`return_run_details`, github.com since 2026-02). A
 server that answers without it (an older GitHub Enterprise Server) gets the old way: the run is
-the oldest one that did not exist before the dispatch, which two dispatches at the same moment
-could both pick, so that fallback is logged.
+the oldest new one with this model's title (quantize.yml's run-name), on this ref, created since
+the dispatch; two dispatches of one model at the same moment could both pick it, so that
+fallback is logged.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ from udquant.dispatch.base import (
     JobStatus,
     output_link_in_logs,
     redact,
+    repo_url,
 )
 from udquant.dispatch.job_command import build_workflow_inputs, image_name
 
@@ -37,12 +40,53 @@ _REPOSITORY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,1
 _WORKFLOW = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.ya?ml$")
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _QUEUED = ("queued", "waiting", "requested", "pending")
+RUN_TITLE = "quantize {repo_id}"  # quantize.yml's run-name: how the fallback tells this model's runs apart
+CLOCK_SKEW_SECONDS = 60.0  # how far GitHub's clock may be behind this machine's when a new run is looked for
+RATE_LIMITED = 429  # the status_code of every rate-limit error, 403 or 429 on the wire: callers may try again later
+# A job log line as GitHub stores it: "2026-11-29T10:00:00.1234567Z text", possibly with colour codes.
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z ?")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def validate_repository(repository: str) -> str:
     if not _REPOSITORY.match(repository) or ".." in repository:
         raise DispatchError(NAME, f"{repository!r} is not a GitHub repository (owner/name)")
     return repository
+
+
+def web_url(api_url: str) -> str:
+    """The web address of the server behind an API URL: https://api.github.com -> https://github.com
+    (api.NAME.ghe.com -> NAME.ghe.com), https://HOST/api/v3 (Enterprise Server) -> https://HOST."""
+    scheme, _, rest = api_url.rstrip("/").partition("://")
+    host, _, path = rest.partition("/")
+    if path == "api/v3":
+        return f"{scheme}://{host}"
+    if not path and host.startswith("api."):
+        return f"{scheme}://{host.removeprefix('api.')}"
+    return api_url.rstrip("/")
+
+
+def plain_log_line(line: str) -> str:
+    """A job log line as the job wrote it: without GitHub's timestamp prefix and colour codes."""
+    return _ANSI.sub("", _TIMESTAMP.sub("", line.lstrip("\ufeff"), count=1))
+
+
+def _rate_limit_wait(response: httpx.Response) -> str | None:
+    """When to try again, in words, if a 403 or 429 is a rate limit; None if it is not one."""
+    if response.status_code not in (403, 429):
+        return None
+    retry_after = response.headers.get("retry-after", "").strip()
+    if retry_after:
+        return f"try again in {retry_after} s" if retry_after.isdigit() else f"try again after {retry_after}"
+    if response.headers.get("x-ratelimit-remaining") == "0":
+        reset = response.headers.get("x-ratelimit-reset", "")
+        if reset.isdigit():
+            minutes = max(int(reset) - time.time(), 0) / 60
+            return f"it resets at {datetime.fromtimestamp(int(reset), UTC):%H:%M:%S} UTC (in {minutes:.0f} min)"
+        return "it resets within the hour"
+    if response.status_code == 429 or "rate limit" in response.text.lower():
+        return "wait a minute before trying again"  # GitHub's advice for a secondary limit without headers
+    return None
 
 
 class GitHubBackend:
@@ -60,6 +104,7 @@ class GitHubBackend:
         self.repository = validate_repository(repository)
         self.workflow = workflow
         self.ref = ref
+        self.web_url = web_url(api_url)
         self._token = token
         self._find_timeout = find_timeout
         self._poll_interval = poll_interval
@@ -69,23 +114,40 @@ class GitHubBackend:
             headers={"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
                      "X-GitHub-Api-Version": API_VERSION, "User-Agent": "udquant-dispatch"})
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, *, not_found_hint: str | None = None,
+                 **kwargs: Any) -> httpx.Response:
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.HTTPError as err:
             raise DispatchError(NAME, f"{method} {path} failed: {redact(str(err), [self._token])}") from None
-        if response.status_code >= 400:
-            message = redact(response.text[:300], [self._token])
-            hint = "the token needs actions: write on the repository" if response.status_code in (401, 403) else None
-            raise DispatchError(NAME, f"{method} {path} answered {response.status_code}: {message}",
-                                status_code=response.status_code, hint=hint)
-        return response
+        if response.status_code < 400:
+            return response
+        status, message = response.status_code, redact(response.text[:300], [self._token])
+        wait = _rate_limit_wait(response)
+        if wait is not None:
+            raise DispatchError(NAME, f"{method} {path}: GitHub's API rate limit for this token is reached "
+                                      f"({status}); {wait}", status_code=RATE_LIMITED,
+                                hint="try again then; the limit counts every request made with this token")
+        access = (f"Actions: read and write on {self.repository} for a fine-grained token, "
+                  "the repo scope for a classic one")
+        hints = {401: f"GitHub did not take the token (mistyped, expired or revoked?); it needs {access}",
+                 403: f"the token needs {access}", 404: not_found_hint}
+        raise DispatchError(NAME, f"{method} {path} answered {status}: {message}", status_code=status,
+                            hint=hints.get(status))
+
+    def _not_found_hint(self) -> str:
+        """Why dispatching or listing quantize.yml answers 404: GitHub says 404, not 403, for what it hides."""
+        return (f"GitHub answers 404 when the token cannot see {self.repository} (a fine-grained token needs "
+                "it among its repositories, with Actions: read and write; a classic one needs the repo scope "
+                f"for a private repository) or when .github/workflows/{self.workflow} is not on the default "
+                f"branch and on {self.ref}")
 
     def _runs_path(self) -> str:
         return f"/repos/{self.repository}/actions/workflows/{self.workflow}/runs"
 
     def _dispatch_runs(self) -> list[dict[str, Any]]:
-        response = self._request("GET", self._runs_path(), params={"event": "workflow_dispatch", "per_page": 50})
+        response = self._request("GET", self._runs_path(), params={"event": "workflow_dispatch", "per_page": 50},
+                                 not_found_hint=self._not_found_hint())
         runs = response.json().get("workflow_runs", [])
         return [run for run in runs if isinstance(run, dict)]
 
@@ -100,11 +162,12 @@ class GitHubBackend:
         before = {run["id"] for run in self._dispatch_runs()}
         inputs = build_workflow_inputs(request)
         logger.info("dispatching %s on %s@%s with %s", self.workflow, self.repository, self.ref, inputs)
+        dispatched_at = time.time()
         run_id, url = self._dispatch({"ref": self.ref, "inputs": inputs})
         if run_id is None:
-            logger.warning("%s did not say which run the dispatch started; taking the first new run of %s",
-                           self._client.base_url, self.workflow)
-            run = self._find_new_run(before)
+            logger.warning("%s did not say which run the dispatch started; taking the first new run of %s "
+                           "for %s", self._client.base_url, self.workflow, request.repo_id)
+            run = self._find_new_run(before, RUN_TITLE.format(repo_id=request.repo_id), dispatched_at)
             run_id, url = str(run["id"]), str(run.get("html_url") or "")
         return JobHandle(backend=NAME, job_id=run_id, location=self.repository, output_repo=None, url=url)
 
@@ -112,30 +175,46 @@ class GitHubBackend:
         """POST the dispatch; the started run's (id, page) when the server tells, else (None, "")."""
         path = f"/repos/{self.repository}/actions/workflows/{self.workflow}/dispatches"
         try:
-            response = self._request("POST", path, json={**body, "return_run_details": True})
+            response = self._request("POST", path, json={**body, "return_run_details": True},
+                                     not_found_hint=self._not_found_hint())
         except DispatchError as err:
             # A server that does not know the parameter (GHES 3.20 and older) refuses the request with 400
             # or 422 and started nothing; another cause of those fails again without it, and is raised then.
             if err.status_code not in (400, 422):
                 raise
-            response = self._request("POST", path, json=body)
+            response = self._request("POST", path, json=body, not_found_hint=self._not_found_hint())
         details = response.json() if response.status_code == 200 and response.content else {}
         run_id = details.get("workflow_run_id") if isinstance(details, dict) else None
         if run_id is None:
             return None, ""
         return str(run_id), str(details.get("html_url") or "")
 
-    def _find_new_run(self, before: set[Any]) -> dict[str, Any]:
+    def _find_new_run(self, before: set[Any], title: str, dispatched_at: float) -> dict[str, Any]:
         deadline = time.monotonic() + self._find_timeout
         while True:
-            new = [run for run in self._dispatch_runs() if run["id"] not in before]
+            new = [run for run in self._dispatch_runs()
+                   if run["id"] not in before and self._may_be_ours(run, title, dispatched_at)]
             if new:
                 return min(new, key=lambda run: (str(run.get("created_at", "")), int(run["id"])))
             if time.monotonic() >= deadline:
-                raise DispatchError(NAME, f"the dispatch was accepted but no new run of {self.workflow} appeared "
-                                          f"within {self._find_timeout:.0f} s",
-                                    hint=f"look at https://github.com/{self.repository}/actions")
+                raise DispatchError(NAME, f"the dispatch was accepted but no new run of {self.workflow} titled "
+                                          f"{title!r} on {self.ref} appeared within {self._find_timeout:.0f} s",
+                                    hint=f"look at {self.web_url}/{self.repository}/actions/workflows/{self.workflow}")
             self._sleep(self._poll_interval)
+
+    def _may_be_ours(self, run: dict[str, Any], title: str, dispatched_at: float) -> bool:
+        """A run another dispatch started differs in its title (another model), its branch or its age; a field a
+        server leaves out is not held against the run."""
+        if run.get("display_title") not in (None, title):
+            return False
+        branch = re.sub(r"^refs/(heads|tags)/", "", self.ref)
+        if run.get("head_branch") not in (None, branch):
+            return False
+        try:
+            created = datetime.fromisoformat(str(run["created_at"])).timestamp()
+        except (KeyError, ValueError):
+            return True
+        return created >= dispatched_at - CLOCK_SKEW_SECONDS
 
     def _run(self, handle: JobHandle) -> dict[str, Any]:
         data: dict[str, Any] = self._request("GET", f"/repos/{handle.location}/actions/runs/{handle.job_id}").json()
@@ -155,27 +234,48 @@ class GitHubBackend:
         return JobStatus("failed", conclusion)
 
     def logs(self, handle: JobHandle, tail: int = 50) -> list[str]:
+        """The last lines of the run's job logs, without GitHub's timestamps and colour codes.
+
+        GitHub has a job's log only once the job has finished; until then its steps and their states,
+        from the same listing, stand in for it, so that a poll costs one request and not one per job.
+        """
         runs = f"/repos/{handle.location}/actions/runs/{handle.job_id}"
         jobs = self._request("GET", f"{runs}/jobs").json().get("jobs", [])
         lines: list[str] = []
         for job in jobs:
+            name = job.get("name", "job")
+            if job.get("status") != "completed":
+                lines.append(f"({name}: {job.get('status', '')}; its log appears when it has finished)")
+                lines += [f"  {step.get('name', '')}: {step.get('conclusion') or step.get('status', '')}"
+                          for step in job.get("steps") or [] if isinstance(step, dict)]
+                continue
             try:
                 text = self._request("GET", f"/repos/{handle.location}/actions/jobs/{job['id']}/logs").text
             except DispatchError as err:
                 if err.status_code != 404:
                     raise
-                text = f"({job.get('name', 'job')}: {job.get('status', '')}; its log appears when it has finished)"
-            lines += text.splitlines()
+                text = f"({name}: {job.get('conclusion', '')}; its log is not available)"
+            lines += map(plain_log_line, text.splitlines())
         return [redact(line, [self._token]) for line in lines][-tail:]
 
     def cancel(self, handle: JobHandle) -> None:
-        self._request("POST", f"/repos/{handle.location}/actions/runs/{handle.job_id}/cancel")
+        """Cancel the run; one that has already ended is left as it ended (GitHub answers 409 Conflict)."""
+        try:
+            self._request("POST", f"/repos/{handle.location}/actions/runs/{handle.job_id}/cancel")
+        except DispatchError as err:
+            if err.status_code != 409 or not self.status(handle).terminal:
+                raise
+            logger.info("run %s has already ended: nothing to cancel", handle.job_id)
 
     def result_link(self, handle: JobHandle) -> str | None:
-        """The uploaded repo's URL the job printed (CI steps follow it); else the run's page, whose summary has it."""
+        """The uploaded repo's URL once the run has completed: the handle's output repo when it is known, else the
+        last <namespace>/<Name>-UD-GGUF URL in the log (the job prints it; later steps follow it); None when
+        neither is there (the run's page, handle.url, is no output repo)."""
         if self.status(handle).state != "completed":
             return None
-        return output_link_in_logs(self.logs(handle, tail=400)) or handle.url
+        if handle.output_repo is not None:
+            return repo_url(handle.output_repo)
+        return output_link_in_logs(self.logs(handle, tail=400))
 
     def release(self, handle: JobHandle) -> None:
         """Nothing to free: the service keeps an ended job's record and log itself."""

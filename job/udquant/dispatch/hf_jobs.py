@@ -8,6 +8,7 @@ command or the plain environment.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,9 +26,9 @@ from udquant.dispatch.base import (
     output_repo_for,
     redact,
 )
-from udquant.dispatch.estimate import JOB_TIME_LIMIT_HOURS, Hardware, parse_amount
+from udquant.dispatch.estimate import JOB_TIME_LIMIT_HOURS, Hardware, image_cannot_run, parse_amount
 from udquant.dispatch.job_command import JOB_PROGRAM, build_job_args
-from udquant.errors import UdquantError
+from udquant.errors import InputError, UdquantError
 from udquant.hub import NO_ANSWER
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,32 @@ NAME = "hf-jobs"
 DEFAULT_FLAVOR = "a10g-large"
 DEFAULT_TIMEOUT_HOURS = JOB_TIME_LIMIT_HOURS
 DEFAULT_TIMEOUT = f"{DEFAULT_TIMEOUT_HOURS}h"
-JOB_LABELS = {"app": "udquant", "udquant-version": __version__}
 # Plain settings for the job; never a credential.
-JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0"}
+JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 _STATES: dict[str, State] = {"SCHEDULING": "queued", "RUNNING": "running", "COMPLETED": "completed",
                              "ERROR": "failed", "CANCELED": "canceled", "DELETED": "canceled"}
+_warned_stages: set[str] = set()  # stages this client does not know, each reported once per process
+_NOT_IN_LABELS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def hub_label(text: str) -> str:
+    """A label key or value the Hub accepts (it answers 400 to any other character): letters, digits, '-' and
+    '_' are kept, every other character becomes '-' (0.1.0 -> 0-1-0)."""
+    return _NOT_IN_LABELS.sub("-", text)
+
+
+JOB_LABELS = {"app": "udquant", "udquant-version": hub_label(__version__)}
+
+
+class FlavorError(InputError):
+    """A flavor HF Jobs does not offer, or whose GPU the job image cannot run on."""
+
+    def __init__(self, flavor: str, reason: str, runnable: list[str]) -> None:
+        super().__init__(f"{NAME}: flavor {flavor!r} {reason}; the GPU flavors that run the job image: "
+                         f"{', '.join(runnable) or 'none offered now'}",
+                         hint="choose one of those: nothing has been started or billed")
+        self.flavor = flavor
+        self.runnable = runnable
 
 
 class HfJobsBackend:
@@ -74,7 +96,27 @@ class HfJobsBackend:
                 self._namespace = str(self._api.whoami(cache=True)["name"])
         return self._namespace
 
+    def check_flavor(self) -> None:
+        """Refuse, before anything is billed, a flavor HF Jobs does not offer (the Hub would answer 400) or whose
+        GPU the image cannot run on (ggml would abort after the start). CPU flavors pass, as the Hub offers them.
+        When the hardware list cannot be read, the Hub decides on run_job."""
+        try:
+            offered = self._api.list_jobs_hardware()
+        except (HfHubHTTPError, *NO_ANSWER) as err:
+            logger.warning("cannot check the flavor %s against the HF Jobs hardware list (%s); starting anyway",
+                           self.flavor, redact(str(err), [self._token]))
+            return
+        runnable = [info.name for info in sorted(offered, key=lambda info: info.unit_cost_usd)
+                    if info.accelerator and image_cannot_run(info.accelerator.model) is None]
+        found = next((info for info in offered if info.name == self.flavor), None)
+        if found is None:
+            raise FlavorError(self.flavor, "is not one HF Jobs offers", runnable)
+        problem = image_cannot_run(found.accelerator.model) if found.accelerator else None
+        if problem is not None:
+            raise FlavorError(self.flavor, f"cannot run the job: {problem}", runnable)
+
     def start(self, request: DispatchRequest) -> JobHandle:
+        self.check_flavor()
         command = build_job_args(request)
         logger.info("starting %s on HF Jobs (%s): %s", request.image, self.flavor, " ".join(command))
         with self._calls("run_job"):
@@ -88,9 +130,20 @@ class HfJobsBackend:
         with self._calls("inspect_job"):
             job = self._api.inspect_job(job_id=handle.job_id, namespace=handle.location)
         stage = str(getattr(job.status.stage, "value", job.status.stage))
-        return JobStatus(_STATES.get(stage, "running"), redact(job.status.message or stage.lower(), [self._token]))
+        message = redact(job.status.message or "", [self._token])
+        if stage not in _STATES:  # a stage added to the Hub after this client: wait, and say which
+            if stage not in _warned_stages:
+                _warned_stages.add(stage)
+                logger.warning("HF Jobs reports the stage %r, which udquant does not know; it is shown as waiting",
+                               stage)
+            return JobStatus("queued", f"stage {stage} (unknown to udquant){': ' + message if message else ''}")
+        return JobStatus(_STATES[stage], message or stage.lower())
 
     def logs(self, handle: JobHandle, tail: int = 50) -> list[str]:
+        """The last lines of the job's log. On a running job this takes about 5 s on the real Hub: the client
+        reads until no line has come for 5 s (the server holds the stream open, with a keep-alive every 30 s),
+        or until the first line logged after the request (about 1 s when the job writes often), and
+        huggingface_hub 2.4 has no parameter to shorten that. An ended job's stream should close once replayed."""
         with self._calls("fetch_job_logs"):
             lines = list(self._api.fetch_job_logs(job_id=handle.job_id, namespace=handle.location, follow=False,
                                                   tail=tail))
