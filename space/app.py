@@ -89,7 +89,7 @@ class SpaceConfig:
 
 
 def config_from_env(env: Mapping[str, str], host: str, port: int) -> SpaceConfig:
-    from udquant.dispatch.docker_backend import engine_available
+    from udquant.dispatch.docker_engine import engine_available
 
     return SpaceConfig(host=host, port=port, docker=engine_available(), test_token=test_token_from_env(env, host),
                        in_space=bool(env.get("SPACE_ID")) or env.get("SYSTEM") == "spaces",

@@ -34,7 +34,8 @@ from udquant.dispatch.base import (
 )
 from udquant.dispatch.cli import _namespace as hub_namespace
 from udquant.dispatch.cli import add_dispatch_command, follow, request_from_args
-from udquant.dispatch.docker_backend import DockerBackend, engine_available
+from udquant.dispatch.docker_backend import DockerBackend
+from udquant.dispatch.docker_engine import engine_available
 from udquant.dispatch.estimate import Hardware, bits_per_weight, estimate_flavors, eval_cost, output_bytes
 from udquant.dispatch.github import GitHubBackend
 from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware

@@ -26,7 +26,8 @@ from tests.unit.conftest import HF_TOKEN
 from udquant.cli import main
 from udquant.dispatch.base import DispatchError, DispatchRequest, JobHandle, JobStatus, make_request
 from udquant.dispatch.cli import add_dispatch_command, follow
-from udquant.dispatch.docker_backend import DockerBackend, connect, engine_available
+from udquant.dispatch.docker_backend import DockerBackend
+from udquant.dispatch.docker_engine import connect, engine_available
 
 IMAGE = "ghcr.io/udquant/udquant-job:0.1.0"
 LINK = "https://huggingface.co/alice/Distill-8B-UD-GGUF"
@@ -114,7 +115,7 @@ def test_a_pull_quiet_longer_than_the_client_timeout_goes_on(engine: FakeDockerE
 PROBE = """
 import json, logging, sys
 from udquant.dispatch.base import DispatchError
-from udquant.dispatch.docker_backend import connect, engine_available
+from udquant.dispatch.docker_engine import connect, engine_available
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 available = engine_available()
 try:
