@@ -29,9 +29,9 @@ from udquant.dispatch.base import (
     JobHandle,
     JobStatus,
     check_upload_target,
+    known_result,
     library_levels,
     make_request,
-    repo_url,
 )
 from udquant.dispatch.estimate import FlavorEstimate, Hardware
 from udquant.dispatch.github import API_URL, DEFAULT_WORKFLOW, GitHubBackend
@@ -138,6 +138,15 @@ def describe_followed(handle: JobHandle) -> str:
     if handle.backend == "github":
         note += " Enter the GitHub token (actions: write) under the GitHub runner target to see its progress."
     return note
+
+
+def gone_message(handle: JobHandle, err: DispatchError) -> str:
+    """A job its backend no longer knows. A container started without being followed removes itself when it
+    ends, so its end says nothing about its result: where that would be is said instead."""
+    if handle.backend == "docker" and (where := known_result(handle)):
+        return (f"The container of job `{handle.job_id[:12]}` is gone: it ended and was removed. If it completed, "
+                f"its result is at [{where}]({where}).")
+    return problem(err)
 
 
 def sign_in_too_short(expires_at: float | None, now: float, hours: float = DEFAULT_TIMEOUT_HOURS + 1) -> str | None:
@@ -378,7 +387,7 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
             except DispatchError as err:
                 if err.status_code == 404:  # removed or deleted elsewhere: nothing more to follow
                     session.registry.finish(session.user(token), handle)
-                    return problem(err), gr.skip(), gr.skip(), gr.Timer(active=False), None
+                    return gone_message(handle, err), gr.skip(), gr.skip(), gr.Timer(active=False), None
                 if err.status_code in (401, 403):  # asking again every few seconds changes nothing
                     return (problem(err) + " Polling stopped: reload the page once the token is fixed.",
                             gr.skip(), gr.skip(), gr.Timer(active=False), handle)
@@ -398,8 +407,8 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                 link = backend.result_link(handle) if status.state == "completed" else None
             except UdquantError as err:
                 logger.warning("cannot read the result link of %s: %s", handle.job_id, err)
-            if status.state == "completed" and link is None and handle.output_repo:
-                link = repo_url(handle.output_repo)
+            if status.state == "completed" and link is None:
+                link = known_result(handle)
             try:
                 backend.release(handle)
             except UdquantError as err:
@@ -433,8 +442,10 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
         submit.click(start_job, inputs=[repo, chosen_levels, imatrix, private, evaluate, target, flavor, confirm,
                                         github_repo, workflow, github_token, inspected],
                      outputs=[job_info, handle_state, timer, job_status, job_logs, job_link])
+        # Not limited to the queue's 8 at a time: each page polls its own job, and an HF Jobs log read waits ~5 s.
         timer.tick(poll_job, inputs=[handle_state, github_token],
-                   outputs=[job_status, job_logs, job_link, timer, handle_state], show_progress="hidden")
+                   outputs=[job_status, job_logs, job_link, timer, handle_state], show_progress="hidden",
+                   concurrency_limit=None)
         cancel.click(cancel_job, inputs=[handle_state, github_token], outputs=job_info)
     return demo
 

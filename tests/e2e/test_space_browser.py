@@ -377,6 +377,17 @@ def test_docker_jobs_of_an_earlier_space_are_followed_and_their_ended_containers
     assert running.job_id not in engine.state.containers  # released once its end was shown
 
 
+def test_a_followed_container_that_removed_itself_points_to_where_its_result_would_be() -> None:
+    from udquant.dispatch.base import DispatchError, JobHandle
+
+    app = load_app_module()
+    gone = DispatchError("docker", "containers.get: No such container: abc123", status_code=404)
+    message = app.gone_message(JobHandle("docker", "abc123", "host", "alice/X-UD-GGUF"), gone)
+    assert "it ended and was removed" in message and "/alice/X-UD-GGUF)" in message
+    assert app.gone_message(JobHandle("docker", "abc123", "host", None), gone) == f"⚠️ {gone}"
+    assert app.gone_message(JobHandle("hf-jobs", "j1", "alice", "alice/X-UD-GGUF"), gone) == f"⚠️ {gone}"
+
+
 def test_a_sign_in_that_would_expire_before_the_upload_is_refused() -> None:
     app = load_app_module()
     now = 1_800_000_000.0

@@ -65,6 +65,7 @@ class GitHubState:
         self.run_details = "returned"  # "ignored", "rejected", "rejected-400": a server without return_run_details
         self.repositories: set[str] | None = None  # None: the token sees every repository
         self.workflows: set[str] | None = None  # None: every workflow file is there
+        self.declared_inputs: set[str] | None = None  # the workflow's inputs on the ref (None: whatever is sent)
         self.read_only_tokens: set[str] = set()  # may read, not dispatch or cancel (403)
         self.stuck: set[int] = set()  # runs GitHub cannot cancel although they have not ended (409)
         self.rate_limit: str | None = None  # "primary" or "secondary": every request is refused
@@ -147,6 +148,10 @@ class _Handler(JSONHandler):
     def _dispatch(self, repository: str, workflow: str, body: dict[str, Any]) -> None:
         if "ref" not in body:
             return self.send_json({"message": "Invalid request: ref is missing"}, 422)
+        unexpected = sorted(set(body.get("inputs") or {}) - self.state.declared_inputs) \
+            if self.state.declared_inputs is not None else []
+        if unexpected:  # GitHub's answer for inputs the workflow on the ref does not declare
+            return self.send_json({"message": f"Unexpected inputs provided: {json.dumps(unexpected)}"}, 422)
         wants_details = body.get("return_run_details") is True
         if wants_details and self.state.run_details.startswith("rejected"):
             return self.send_json({"message": "Invalid request.\n\n\"return_run_details\" is not a permitted key."},

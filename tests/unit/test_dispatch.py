@@ -563,7 +563,8 @@ def test_cli_dispatch_docker_leaves_no_container_holding_the_token(
     finisher.join()
     create = next(body for _, path, body in engine.state.requests if path.startswith("/containers/create"))
     assert create is not None and create["HostConfig"].get("AutoRemove", False) is not wait
-    assert create["Labels"]["org.udquant.user"] == "alice"  # a Space on this engine finds it
+    # Unfollowed, a Space on this engine finds it; with --wait this command reads and removes it.
+    assert ("org.udquant.user" in create["Labels"]) is not wait
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[-1] == (link if wait else finished[0])
     assert ("the container removes itself when the job ends" in err) is not wait
@@ -622,6 +623,21 @@ class ScriptedBackend:
 
 def _wait_args(**changes: object) -> argparse.Namespace:
     return argparse.Namespace(**({"poll": 0.0, "wait_timeout": None, "tail": 5} | changes))
+
+
+class UnreleasableBackend(ScriptedBackend):
+    def release(self, handle: JobHandle) -> None:
+        raise DispatchError("scripted", "remove: No such container", status_code=404)
+
+
+def test_a_job_removed_elsewhere_after_its_end_still_gets_its_result_shown(
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    handle = JobHandle("scripted", "j1", "here", None)
+    assert follow(UnreleasableBackend([JobStatus("completed")]), handle, _wait_args()) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "https://hub.example/alice/X-UD-GGUF"
+    assert "cannot release scripted job j1 (removed elsewhere)" in caplog.text
+    with pytest.raises(DispatchError, match="ended failed: exit code 1"):  # the job's end, not the release's
+        follow(UnreleasableBackend([JobStatus("failed", "exit code 1")]), handle, _wait_args())
 
 
 def test_wait_looks_again_after_passing_failures(capsys: pytest.CaptureFixture[str],

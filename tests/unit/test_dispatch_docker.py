@@ -338,16 +338,25 @@ def test_sigint_during_dispatch_wait(engine: FakeDockerEngine, jobs: HubJobs, mo
     assert f"`docker stop {running[:12]}`" in err
 
 
-@pytest.mark.parametrize(("given", "accepted"), [("0.5s", False), ("0.01m", False), ("0s", False), ("1s", True),
-                                                ("0.02m", True), ("1", True)])
-def test_hf_jobs_time_limit_is_at_least_one_second(given: str, accepted: bool,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="udquant")
-    add_dispatch_command(parser.add_subparsers(dest="command", required=True))
-    argv = ["dispatch", "--backend", "hf-jobs", "a/b", "--timeout", given]
-    if accepted:
-        assert parser.parse_args(argv).timeout == given
-        return
-    with pytest.raises(SystemExit):
-        parser.parse_args(argv)
-    assert "the shortest is 1 second" in capsys.readouterr().err
+def test_cancel_removes_a_container_that_never_started(engine: FakeDockerEngine,
+                                                       job_request: DispatchRequest) -> None:
+    """stop leaves a created container where it is; it would hold the token, and the user's slot in a Space."""
+    backend = DockerBackend(HF_TOKEN, user="alice")
+    engine.state.images.add(IMAGE)
+    created = backend._client.containers.create(IMAGE, labels=backend.container_spec(job_request)["labels"])
+    (handle,) = backend.running_jobs("alice")
+    assert handle.job_id == created.id
+    backend.cancel(handle)
+    assert created.id not in engine.state.containers and backend.running_jobs("alice") == []
+
+
+def test_one_container_that_cannot_be_removed_does_not_stop_the_others(
+        engine: FakeDockerEngine, job_request: DispatchRequest, caplog: pytest.LogCaptureFixture) -> None:
+    backend = DockerBackend(HF_TOKEN, user="alice")
+    first, second = backend.start(job_request), backend.start(job_request)
+    engine.finish(first.job_id, 0)
+    engine.finish(second.job_id, 0)
+    engine.state.containers[second.job_id]["State"]["Running"] = True  # the engine refuses its removal (409)
+    engine.state.containers[second.job_id]["State"]["Status"] = "exited"
+    assert backend.remove_ended("alice") == [first.job_id]
+    assert f"cannot remove the ended container {second.job_id[:12]}" in caplog.text

@@ -76,11 +76,21 @@ def test_404_on_listing_or_dispatching_explains_what_github_hides(github: FakeGi
     assert caught.value.status_code == 404
     hint = caught.value.hint or ""
     assert "cannot see me/runner" in hint and "Actions: read and write" in hint and "repo scope" in hint
-    assert ".github/workflows/quantize.yml is not on the default branch and on main" in hint
+    assert ".github/workflows/quantize.yml is not on the default branch" in hint
     github.state.repositories, github.state.workflows = None, {"other.yml"}  # the workflow file is not there
     with pytest.raises(DispatchError) as caught:
         backend.start(make_request(REPO_ID, None))
     assert caught.value.status_code == 404 and "quantize.yml is not on the default branch" in str(caught.value.hint)
+    assert not github.state.runs
+
+
+def test_a_workflow_on_the_ref_without_this_releases_inputs_is_named(github: FakeGitHub,
+                                                                     backend: GitHubBackend) -> None:
+    github.state.declared_inputs = {"repo", "levels", "recipe", "imatrix", "private", "image-tag"}  # no eval yet
+    with pytest.raises(DispatchError, match="answered 422: .*Unexpected inputs provided") as caught:
+        backend.start(make_request(REPO_ID, None))
+    assert caught.value.status_code == 422
+    assert "quantize.yml on main must have the workflow_dispatch trigger and the inputs" in str(caught.value.hint)
     assert not github.state.runs
 
 

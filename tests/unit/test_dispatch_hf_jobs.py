@@ -3,6 +3,7 @@ and log reads of a running job, against the fake Hub Jobs server (tests/fakes/hu
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import time
@@ -16,6 +17,7 @@ from tests.fakes.hub_jobs import HubJobs
 from tests.unit.conftest import HF_TOKEN
 from udquant.cli import main
 from udquant.dispatch.base import DispatchError, DispatchRequest
+from udquant.dispatch.cli import add_dispatch_command
 from udquant.dispatch.estimate import IMAGE_CUDA_ARCHITECTURES, estimate_flavors
 from udquant.dispatch.hf_jobs import HfJobsBackend, describe_hardware, list_hardware
 from udquant.errors import InputError
@@ -145,3 +147,18 @@ def test_a_running_jobs_log_is_read_without_following_it(jobs: HubJobs, job_requ
     started = time.monotonic()
     assert backend.logs(handle) == ["INFO resolve: started (someone/Distill-8B)"]
     assert time.monotonic() - started < jobs.log_hold_s  # an ended job's stream is not held
+
+
+@pytest.mark.parametrize(("given", "accepted"), [("0.5s", False), ("0.01m", False), ("0s", False), ("1s", True),
+                                                ("0.02m", True), ("1", True)])
+def test_hf_jobs_time_limit_is_at_least_one_second(given: str, accepted: bool,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="udquant")
+    add_dispatch_command(parser.add_subparsers(dest="command", required=True))
+    argv = ["dispatch", "--backend", "hf-jobs", "a/b", "--timeout", given]
+    if accepted:
+        assert parser.parse_args(argv).timeout == given
+        return
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert "the shortest is 1 second" in capsys.readouterr().err

@@ -237,10 +237,20 @@ def expand(value: object, inputs: dict[str, object], secrets: dict[str, str], st
 
 # Plays the client and the daemon: `run` records its argv; its container (the --name, listed in
 # `containers`) outlives the client when FAKE_DOCKER_KILLED is set, as when the runner kills the
-# client on a cancel; `rm -f` records its argv and answers as the daemon does.
+# client on a cancel. `container inspect`, `stop` and `rm` answer as the daemon and the current CLI
+# do (rm --force of a missing container prints the error and exits 0); FAKE_DOCKER_DOWN: no daemon.
 FAKE_DOCKER = """#!/usr/bin/env bash
 containers="$FAKE_DOCKER_DIR/containers"
 touch "$containers"
+name=${!#}
+if [ "$1" != run ]; then
+  echo "$*" >> "$FAKE_DOCKER_DIR/calls"  # one line each: no argument here holds a space
+  if [ -n "${FAKE_DOCKER_DOWN-}" ]; then
+    echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?" >&2
+    exit 1
+  fi
+fi
+known() { grep -qxF -- "$name" "$containers"; }
 case "$1" in
   run)
     printf '%s\\0' "$@" > "$FAKE_DOCKER_DIR/argv"
@@ -255,16 +265,16 @@ case "$1" in
     fi
     echo "some result line"
     echo "$FAKE_DOCKER_RESULT" ;;
+  container)  # container inspect [--format F] NAME
+    known || { echo "Error response from daemon: No such container: $name" >&2; exit 1; }
+    echo running ;;
+  stop)
+    known || { echo "Error response from daemon: No such container: $name" >&2; exit 1; }
+    echo "$name" ;;
   rm)
-    printf '%s\\0' "$@" > "$FAKE_DOCKER_DIR/rm-argv"
-    if [ -n "${FAKE_DOCKER_DOWN-}" ]; then
-      echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock." >&2
-      exit 1
-    fi
-    name=${!#}
-    if ! grep -qxF -- "$name" "$containers"; then
+    if ! known; then
       echo "Error response from daemon: No such container: $name" >&2
-      exit 1
+      exit 0
     fi
     grep -vxF -- "$name" "$containers" > "$containers.new" || true
     mv "$containers.new" "$containers"
@@ -272,6 +282,12 @@ case "$1" in
   *) echo "fake docker: unexpected $1" >&2; exit 2 ;;
 esac
 """
+
+
+def fake_docker_calls(tmp_path: Path) -> list[str]:
+    """The fake docker's calls other than run, one line each."""
+    calls = tmp_path / "calls"
+    return calls.read_text().splitlines() if calls.exists() else []
 
 
 def run_step(step: dict, tmp_path: Path, inputs: dict[str, object], secrets: dict[str, str] | None = None,
@@ -428,6 +444,8 @@ def test_quantize_removes_the_container_a_cancel_leaves_running(tmp_path):
     assert cleanup.get("if") in ("always()", "cancelled()")
     names = [step.get("name") for step in all_steps(workflow)]
     assert names.index("Remove the container") > names.index("Run the job")
+    # The job step's own limit comes first, so that the removal runs before the job's limit ends everything.
+    assert step_named(workflow, "Run the job")["timeout-minutes"] < workflow["jobs"]["quantize"]["timeout-minutes"]
     killed = run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "o/n"}, {"HF_TOKEN": FAKE_TOKEN},
                       extra_env={"FAKE_DOCKER_KILLED": "1"})
     assert killed.returncode == 137
@@ -436,7 +454,9 @@ def test_quantize_removes_the_container_a_cancel_leaves_running(tmp_path):
     assert (tmp_path / "containers").read_text().split() == [name]  # the daemon still runs it
     done = run_step(cleanup, tmp_path, {"repo": "o/n"}, {"HF_TOKEN": FAKE_TOKEN})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "rm-argv").read_text().split("\0")[:-1] == ["rm", "-f", name]
+    assert fake_docker_calls(tmp_path) == [f"container inspect --format {{{{.State.Status}}}} {name}",
+                                           f"stop --time 30 {name}", f"rm --force {name}",
+                                           f"container inspect {name}"]
     assert (tmp_path / "containers").read_text().split() == []
     assert f"removed the container {name}" in done.stdout
     assert FAKE_TOKEN not in done.stdout + done.stderr
@@ -458,11 +478,13 @@ def test_quantize_container_removal_tolerates_an_ended_container(tmp_path):
     assert run_step(step_named(workflow, "Run the job"), tmp_path, {"repo": "o/n"}).returncode == 0
     ended = run_step(cleanup, tmp_path, {"repo": "o/n"})  # --rm has removed it: the daemon knows no such container
     assert ended.returncode == 0, ended.stdout + ended.stderr
-    assert (tmp_path / "rm-argv").read_text().split("\0")[:-1] == ["rm", "-f", "udquant-4242-1"]
+    assert fake_docker_calls(tmp_path) == ["container inspect --format {{.State.Status}} udquant-4242-1"]
     assert "already ended" in ended.stdout and "::warning::" not in ended.stdout
+    assert "removed" not in ended.stdout  # `docker rm -f` would have exited 0 here too
     down = run_step(cleanup, tmp_path, {"repo": "o/n"}, extra_env={"FAKE_DOCKER_DOWN": "1"})
     assert down.returncode == 0  # a warning, not a failure of a run whose job may have succeeded
-    assert "::warning::could not remove the container udquant-4242-1" in down.stdout
+    assert "::warning::could not look at the container udquant-4242-1; the GPU may still be busy: Cannot " \
+           "connect to the Docker daemon" in down.stdout
 
 
 def test_quantize_queues_every_dispatch_for_a_model():

@@ -190,6 +190,11 @@ class Backend(Protocol):
         ...
 
 
+def known_result(handle: JobHandle) -> str | None:
+    """Where a completed job's result is when its backend cannot tell (no log to read): its output repo's page."""
+    return repo_url(handle.output_repo) if handle.output_repo else None
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """Text with every secret replaced, for anything that is shown or logged."""
     for secret in secrets:

@@ -25,9 +25,9 @@ from udquant.dispatch.base import (
     JobHandle,
     JobStatus,
     check_upload_target,
+    known_result,
     make_request,
     output_repo_for,
-    repo_url,
 )
 from udquant.dispatch.job_command import default_image
 from udquant.errors import InputError
@@ -67,8 +67,9 @@ def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "docker":
         from udquant.dispatch.docker_backend import DockerBackend
 
-        # Labelled with the token's user: a Space on this engine then follows the job and removes it when ended.
-        return DockerBackend(token, followed=args.wait, user=_namespace(token))
+        # Not followed here (auto-remove), the job is labelled with the token's user, so that a Space on this
+        # engine follows it; one that --wait follows is this command's to read and remove, so it has no such label.
+        return DockerBackend(token, followed=args.wait, user=None if args.wait else _namespace(token))
     from udquant.dispatch.hf_jobs import HfJobsBackend
 
     return HfJobsBackend(token, flavor=args.flavor, timeout=args.timeout)
@@ -167,7 +168,7 @@ def _follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> in
             print(line, file=sys.stderr)
         link = _result_link(backend, handle) if status.state == "completed" else None
     finally:
-        backend.release(handle)
+        _release(backend, handle)
     if status.state != "completed":
         raise DispatchError(backend.name, f"job {handle.job_id} ended {status.state}: {status.detail}")
     if link:
@@ -175,6 +176,15 @@ def _follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> in
     else:
         print("the job printed no repo URL" + (f"; its run: {handle.url}" if handle.url else ""), file=sys.stderr)
     return 0
+
+
+def _release(backend: Backend, handle: JobHandle) -> None:
+    """Free what the ended job holds; a failure to do so must not hide its result."""
+    try:
+        backend.release(handle)
+    except DispatchError as err:
+        gone = " (removed elsewhere)" if err.status_code == 404 else ""
+        logger.warning("cannot release %s job %s%s: %s", handle.backend, handle.job_id, gone, err)
 
 
 def _log_tail(backend: Backend, handle: JobHandle, tail: int) -> list[str]:
@@ -187,7 +197,7 @@ def _log_tail(backend: Backend, handle: JobHandle, tail: int) -> list[str]:
 
 def _result_link(backend: Backend, handle: JobHandle) -> str | None:
     """The backend's link of the result; the output repo's page when it cannot tell."""
-    known = repo_url(handle.output_repo) if handle.output_repo else None
+    known = known_result(handle)
     try:
         return backend.result_link(handle) or known
     except DispatchError as err:

@@ -36,10 +36,10 @@ from udquant.dispatch.base import (
     DispatchRequest,
     JobHandle,
     JobStatus,
+    known_result,
     link_from_logs,
     output_repo_for,
     redact,
-    repo_url,
 )
 from udquant.dispatch.docker_engine import (
     NAME,
@@ -49,7 +49,7 @@ from udquant.dispatch.docker_engine import (
     permission_denied,
     unreachable_error,
 )
-from udquant.dispatch.job_command import build_job_args
+from udquant.dispatch.job_command import JOB_ENV, build_job_args
 from udquant.errors import UdquantError
 from udquant.progress import stage_progress
 
@@ -66,7 +66,6 @@ USER_LABEL = f"{LABEL_PREFIX}.user"  # the Hub user the job is for: a front end 
 # Container states (docker ps --filter status=...): those of a job not ended yet, and of one that has.
 ACTIVE_STATES = ("created", "restarting", "running", "paused")
 ENDED_STATES = ("exited", "dead")
-JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 # Where a failed job's container log is saved (next to the job's own default output, ./udquant-out).
 FAILED_LOG_DIR = Path("udquant-out") / "docker-logs"
 
@@ -208,8 +207,13 @@ class DockerBackend:
         return [redact(line, [self._token]) for line in text.splitlines()][-tail:]
 
     def cancel(self, handle: JobHandle) -> None:
-        """Stop the job (SIGTERM, then SIGKILL after 30 s); one that has ended already is left as it is."""
+        """Stop the job (SIGTERM, then SIGKILL after 30 s); one that has ended already is left as it is. A
+        container that was created but never started is removed: stop leaves it, holding the token and a slot."""
         container = self._container(handle)
+        if container.status == "created":
+            with self._calls("remove"):
+                container.remove(force=True)
+            return
         with self._calls("stop"):
             container.stop(timeout=30)  # the engine answers 304 for a stopped container: no error
 
@@ -218,7 +222,7 @@ class DockerBackend:
         the log cannot be read (a log driver such as `none` keeps none)."""
         if self.status(handle).state != "completed":
             return None
-        known = repo_url(handle.output_repo) if handle.output_repo else None
+        known = known_result(handle)
         try:
             lines = self.logs(handle, tail=20)
         except DispatchError as err:
@@ -262,9 +266,9 @@ class DockerBackend:
             try:
                 self.release(self._handle(container, self._output_repo(container, user)))
             except DispatchError as err:
-                if err.status_code != 404:
-                    raise
-                continue  # released meanwhile by whoever followed it
+                if err.status_code != 404:  # released meanwhile by whoever followed it, if 404
+                    logger.warning("cannot remove the ended container %s: %s", str(container.id)[:12], err)
+                continue
             removed.append(str(container.id))
         if removed:
             logger.info("removed %d ended udquant container(s) of %s: %s", len(removed), user,

@@ -114,8 +114,10 @@ class GitHubBackend:
             headers={"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
                      "X-GitHub-Api-Version": API_VERSION, "User-Agent": "udquant-dispatch"})
 
-    def _request(self, method: str, path: str, *, not_found_hint: str | None = None,
+    def _request(self, method: str, path: str, *, hints: dict[int, str] | None = None,
                  **kwargs: Any) -> httpx.Response:
+        """The response of a request that succeeded; else a DispatchError with a hint for its status (hints
+        adds to those every request has)."""
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.HTTPError as err:
@@ -130,24 +132,28 @@ class GitHubBackend:
                                 hint="try again then; the limit counts every request made with this token")
         access = (f"Actions: read and write on {self.repository} for a fine-grained token, "
                   "the repo scope for a classic one")
-        hints = {401: f"GitHub did not take the token (mistyped, expired or revoked?); it needs {access}",
-                 403: f"the token needs {access}", 404: not_found_hint}
+        every = {401: f"GitHub did not take the token (mistyped, expired or revoked?); it needs {access}",
+                 403: f"the token needs {access}"}
         raise DispatchError(NAME, f"{method} {path} answered {status}: {message}", status_code=status,
-                            hint=hints.get(status))
+                            hint=(every | (hints or {})).get(status))
 
-    def _not_found_hint(self) -> str:
-        """Why dispatching or listing quantize.yml answers 404: GitHub says 404, not 403, for what it hides."""
-        return (f"GitHub answers 404 when the token cannot see {self.repository} (a fine-grained token needs "
+    def _workflow_hints(self) -> dict[int, str]:
+        """Why dispatching or listing quantize.yml fails: GitHub says 404, not 403, for what it hides, and 422
+        for a workflow on the ref that does not take this dispatch."""
+        return {404: f"GitHub answers 404 when the token cannot see {self.repository} (a fine-grained token needs "
                 "it among its repositories, with Actions: read and write; a classic one needs the repo scope "
                 f"for a private repository) or when .github/workflows/{self.workflow} is not on the default "
-                f"branch and on {self.ref}")
+                "branch",
+                422: f".github/workflows/{self.workflow} on {self.ref} must have the workflow_dispatch trigger "
+                     "and the inputs of this release's quantize.yml (repo, levels, recipe, imatrix, private, eval, "
+                     "image-tag): update it from udquant's repository"}
 
     def _runs_path(self) -> str:
         return f"/repos/{self.repository}/actions/workflows/{self.workflow}/runs"
 
     def _dispatch_runs(self) -> list[dict[str, Any]]:
         response = self._request("GET", self._runs_path(), params={"event": "workflow_dispatch", "per_page": 50},
-                                 not_found_hint=self._not_found_hint())
+                                 hints=self._workflow_hints())
         runs = response.json().get("workflow_runs", [])
         return [run for run in runs if isinstance(run, dict)]
 
@@ -176,13 +182,13 @@ class GitHubBackend:
         path = f"/repos/{self.repository}/actions/workflows/{self.workflow}/dispatches"
         try:
             response = self._request("POST", path, json={**body, "return_run_details": True},
-                                     not_found_hint=self._not_found_hint())
+                                     hints=self._workflow_hints())
         except DispatchError as err:
             # A server that does not know the parameter (GHES 3.20 and older) refuses the request with 400
             # or 422 and started nothing; another cause of those fails again without it, and is raised then.
             if err.status_code not in (400, 422):
                 raise
-            response = self._request("POST", path, json=body, not_found_hint=self._not_found_hint())
+            response = self._request("POST", path, json=body, hints=self._workflow_hints())
         details = response.json() if response.status_code == 200 and response.content else {}
         run_id = details.get("workflow_run_id") if isinstance(details, dict) else None
         if run_id is None:

@@ -27,7 +27,7 @@ from udquant.dispatch.base import (
     redact,
 )
 from udquant.dispatch.estimate import JOB_TIME_LIMIT_HOURS, Hardware, image_cannot_run, parse_amount
-from udquant.dispatch.job_command import JOB_PROGRAM, build_job_args
+from udquant.dispatch.job_command import JOB_ENV, JOB_PROGRAM, build_job_args
 from udquant.errors import InputError, UdquantError
 from udquant.hub import NO_ANSWER
 
@@ -37,8 +37,6 @@ NAME = "hf-jobs"
 DEFAULT_FLAVOR = "a10g-large"
 DEFAULT_TIMEOUT_HOURS = JOB_TIME_LIMIT_HOURS
 DEFAULT_TIMEOUT = f"{DEFAULT_TIMEOUT_HOURS}h"
-# Plain settings for the job; never a credential.
-JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 _STATES: dict[str, State] = {"SCHEDULING": "queued", "RUNNING": "running", "COMPLETED": "completed",
                              "ERROR": "failed", "CANCELED": "canceled", "DELETED": "canceled"}
 _warned_stages: set[str] = set()  # stages this client does not know, each reported once per process

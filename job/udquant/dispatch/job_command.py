@@ -10,6 +10,8 @@ from __future__ import annotations
 from udquant.dispatch.base import DispatchRequest, default_image
 
 JOB_PROGRAM = "udquant-job"
+# The job's plain settings wherever it is started (HF Jobs, local Docker); never a credential.
+JOB_ENV = {"UDQUANT_NO_PROGRESS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 LEVELS_SEPARATOR = " "  # quantize.yml splits its levels input on spaces
 
 __all__ = ["JOB_PROGRAM", "build_job_args", "build_workflow_inputs", "default_image", "image_name", "image_tag"]
