@@ -240,9 +240,11 @@ def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         help="the job measures KL divergence vs BF16 of every level (card table; adds time)")
     parser.add_argument("--output-repo", help="where to upload (default: <your namespace>/<Name>-UD-GGUF)")
     parser.add_argument("--image", default=default_image(), help="job image (default: this release's)")
-    parser.add_argument("--flavor", default="a10g-large", help="hf-jobs hardware flavor (default: a10g-large)")
+    parser.add_argument("--flavor", default="a10g-large",
+                        help="hf-jobs hardware flavor, one HF Jobs offers with a GPU of compute capability 8.0 or "
+                             "newer (checked before the start; default: a10g-large)")
     parser.add_argument("--timeout", default="8h", type=_job_timeout,
-                        help="hf-jobs time limit: seconds, or a number with s, m, h or d (default: 8h)")
+                        help="hf-jobs time limit: seconds, or a number with s, m, h or d, at least 1 s (default: 8h)")
     parser.add_argument("--github-repo", metavar="OWNER/REPO", help="github: the repository with quantize.yml")
     parser.add_argument("--workflow", default="quantize.yml", help="github: workflow file (default: quantize.yml)")
     parser.add_argument("--ref", default="main", help="github: branch or tag to run the workflow from")
