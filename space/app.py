@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gradio as gr
@@ -162,6 +162,23 @@ def problem(err: Exception) -> str:
     return f"⚠️ {err}"
 
 
+def shown(part: str | None) -> Any:
+    """A part of the page to change; None leaves it as it is."""
+    return gr.skip() if part is None else part
+
+
+@dataclass(frozen=True)
+class Polled:
+    """What one look at a followed job shows (None: leave that part of the page as it is), and which job the
+    page follows next (None: none)."""
+
+    status: str | None = None
+    logs: str | None = None
+    link: str | None = None
+    follow: JobHandle | None = None
+    polling: bool = True  # whether the timer keeps looking at `follow`
+
+
 # -- the app -------------------------------------------------------------------------------------
 class SpaceSession:
     """What the handlers share: the configuration, who is signed in, and the queue of running jobs."""
@@ -215,6 +232,60 @@ class SpaceSession:
             except DispatchError as err:
                 logger.warning("cannot list the HF Jobs of %s: %s", user, err.message)
         return self.registry.adopt(user, found[0]) if found else None
+
+    def poll(self, handle: JobHandle | None, token: str | None, github_token: str) -> Polled:
+        """One look at a followed job: its status, log tail and link. Once it has ended, the backend releases what
+        it held and the page follows the user's next job, if one was started meanwhile (else nothing: a late tick
+        changes nothing). A log that cannot be read does not hide the status; a refused token stops the polling
+        until the page is opened again."""
+        if handle is None or token is None:
+            return Polled(follow=handle, polling=False)
+        try:
+            backend = backend_for_handle(self, handle, token, github_token)
+            status = backend.status(handle)
+        except DispatchError as err:
+            if err.status_code == 404:  # removed or deleted elsewhere: nothing more to follow
+                return self._ended(handle, token, Polled(status=gone_message(handle, err)))
+            if err.status_code in (401, 403):  # asking again every few seconds changes nothing
+                return Polled(status=problem(err) + " Polling stopped: reload the page once the token is fixed.",
+                              follow=handle, polling=False)
+            return Polled(status=problem(err), follow=handle)
+        except UdquantError as err:
+            return Polled(status=problem(err), follow=handle)
+        seen = describe_status(handle, status)
+        lines = None
+        try:
+            lines = "\n".join(backend.logs(handle, tail=LOG_TAIL))
+        except UdquantError as err:
+            seen += f"\n\n(log not readable now: {err})"
+        if not status.terminal:
+            return Polled(status=seen, logs=lines, link="", follow=handle)
+        link = None
+        try:
+            link = backend.result_link(handle) if status.state == "completed" else None
+        except UdquantError as err:
+            logger.warning("cannot read the result link of %s: %s", handle.job_id, err)
+        if status.state == "completed" and link is None:
+            link = known_result(handle)
+        try:
+            backend.release(handle)
+        except UdquantError as err:
+            logger.warning("cannot release %s job %s: %s", handle.backend, handle.job_id, err)
+        if link:
+            done = f"**Output repo:** [{link}]({link})"
+        elif status.state == "completed" and handle.url:  # the job printed no repo URL: its run tells more
+            done = f"The job printed no repo URL; see [its run page]({handle.url})."
+        else:
+            done = ""
+        return self._ended(handle, token, Polled(status=seen, logs=lines, link=done))
+
+    def _ended(self, handle: JobHandle, token: str, polled: Polled) -> Polled:
+        """Free the user's slot of an ended job. A job they started meanwhile (its start may answer before this
+        tick does) is followed next: the page would otherwise drop its handle."""
+        user = self.user(token)
+        self.registry.finish(user, handle)
+        after = self.registry.active(user)
+        return replace(polled, follow=after, polling=after is not None)
 
     def follow_timer(self, handle: JobHandle) -> gr.Timer:
         """The timer that polls a followed job, at its backend's pace (UDQUANT_SPACE_POLL_SECONDS: one pace)."""
@@ -375,52 +446,10 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
 
         def poll_job(handle: JobHandle | None, gh_token: str,
                      oauth_token: gr.OAuthToken | None) -> tuple[Any, Any, Any, Any, Any]:
-            """The job's status, log tail and link; once it has ended, the handle is dropped (a late tick changes
-            nothing) and the backend releases what the job held. A log that cannot be read does not hide the
-            status; a refused token stops the polling until the page is opened again."""
-            token = session.token(oauth_token)
-            if handle is None or token is None:
-                return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
-            try:
-                backend = backend_for_handle(session, handle, token, gh_token)
-                status = backend.status(handle)
-            except DispatchError as err:
-                if err.status_code == 404:  # removed or deleted elsewhere: nothing more to follow
-                    session.registry.finish(session.user(token), handle)
-                    return gone_message(handle, err), gr.skip(), gr.skip(), gr.Timer(active=False), None
-                if err.status_code in (401, 403):  # asking again every few seconds changes nothing
-                    return (problem(err) + " Polling stopped: reload the page once the token is fixed.",
-                            gr.skip(), gr.skip(), gr.Timer(active=False), handle)
-                return problem(err), gr.skip(), gr.skip(), session.follow_timer(handle), handle
-            except UdquantError as err:
-                return problem(err), gr.skip(), gr.skip(), session.follow_timer(handle), handle
-            shown = describe_status(handle, status)
-            try:
-                lines: Any = "\n".join(backend.logs(handle, tail=LOG_TAIL))
-            except UdquantError as err:
-                lines = gr.skip()
-                shown += f"\n\n(log not readable now: {err})"
-            if not status.terminal:
-                return shown, lines, "", session.follow_timer(handle), handle
-            link = None
-            try:
-                link = backend.result_link(handle) if status.state == "completed" else None
-            except UdquantError as err:
-                logger.warning("cannot read the result link of %s: %s", handle.job_id, err)
-            if status.state == "completed" and link is None:
-                link = known_result(handle)
-            try:
-                backend.release(handle)
-            except UdquantError as err:
-                logger.warning("cannot release %s job %s: %s", handle.backend, handle.job_id, err)
-            session.registry.finish(session.user(token), handle)
-            if link:
-                done = f"**Output repo:** [{link}]({link})"
-            elif status.state == "completed" and handle.url:  # the job printed no repo URL: its run tells more
-                done = f"The job printed no repo URL; see [its run page]({handle.url})."
-            else:
-                done = ""
-            return shown, lines, done, gr.Timer(active=False), None
+            polled = session.poll(handle, session.token(oauth_token), gh_token)
+            timer_next = session.follow_timer(polled.follow) if polled.follow and polled.polling \
+                else gr.Timer(active=False)
+            return shown(polled.status), shown(polled.logs), shown(polled.link), timer_next, polled.follow
 
         def cancel_job(handle: JobHandle | None, gh_token: str, oauth_token: gr.OAuthToken | None) -> str:
             token = session.token(oauth_token)

@@ -28,9 +28,10 @@ from udquant.errors import InputError, UdquantError
 from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, MAX_EVAL_CHUNKS
 from udquant.job import DEFAULT_IMATRIX_CONTEXT, JobOptions, JobResult, run_job, will_upload
 from udquant.measure import EvalSettings
+from udquant.out_dir import check_output_file, is_json_document, is_png, is_recipe
 from udquant.recipe import DEFAULT_LEVEL, check_level_name
 from udquant.resolve import looks_like_path, validate_repo_id
-from udquant.workdir import file_in_the_way
+from udquant.workdir import write_text_atomic
 
 logger = logging.getLogger("udquant")
 
@@ -219,18 +220,6 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         token=token)
 
 
-def _check_output_file(path: Path | None, option: str) -> None:
-    """Refuse, before any work, an output file that could not be written: a folder by that name, or a file
-    where a folder above it would have to be."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise InputError(f"{option} {path} is a folder, not a file", hint="give a file name")
-    if (blocking := file_in_the_way(path.parent)) is not None:
-        raise InputError(f"{option} {path}: {blocking} is a file, not a folder",
-                         hint="give a path whose folders are folders (or do not exist yet)")
-
-
 def _note(text: str) -> None:
     """A line for the person at the terminal (stderr), never wrapped."""
     print(text, file=sys.stderr)
@@ -305,11 +294,10 @@ def _eval(args: argparse.Namespace) -> int:
     from udquant.evaluate import render_eval_table
     from udquant.measure import compare_files, require_plotting
     from udquant.toolchain import find_toolchain
-    from udquant.workdir import write_text_atomic
 
     settings = eval_settings_from_args(args)
-    _check_output_file(args.json, "--json")
-    _check_output_file(args.plot, "--plot")
+    check_output_file(args.json, "--json", "a JSON document", is_json_document)
+    check_output_file(args.plot, "--plot", "a PNG image", is_png)
     if args.plot:
         require_plotting()
     rows = compare_files(find_toolchain(), args.base, args.quants, settings, args.work_dir)
@@ -358,7 +346,7 @@ def _recipe_extract(args: argparse.Namespace) -> int:
     from udquant.extract import dump_recipe, type_counts
     from udquant.recipe_commands import extract
 
-    _check_output_file(args.output, "--output")
+    check_output_file(args.output, "--output", "a udquant recipe", is_recipe)
     document, layout = extract(args.source, file_glob=args.file, revision=args.revision,
                                token=os.environ.get("HF_TOKEN"), recipe_id=args.id, level=args.level)
     percent = 100 * layout.bytes_fetched / max(layout.bytes_total, 1)
@@ -371,7 +359,7 @@ def _recipe_extract(args: argparse.Namespace) -> int:
     text = dump_recipe(document)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        write_text_atomic(args.output, text)
         print(args.output)
     else:
         sys.stdout.write(text)
@@ -460,9 +448,18 @@ def job_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="udquant-job", description="Make verified UD-style GGUF quants.")
     add_job_arguments(parser)
     parser.add_argument("--version", action="version", version=f"udquant {__version__}")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_without_own_name(list(sys.argv[1:] if argv is None else argv), parser.prog))
     _configure_logging(args.verbose)
     return _run("job", _job, args)
+
+
+def _without_own_name(argv: list[str], prog: str) -> list[str]:
+    """argv without a leading program name. HF Jobs is sent the whole command line (udquant-job REPO ...): a runner
+    that appends it to the image's ENTRYPOINT instead of replacing it starts `udquant-job udquant-job REPO ...`.
+    Only dropped when a source follows, so that a local folder named udquant-job can still be the source."""
+    if len(argv) > 1 and argv[0] == prog and not argv[1].startswith("-"):
+        return argv[1:]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """The output folder: the names udquant writes there, and what it may replace.
 
 A user may point --out-dir at a folder holding their own files: before any work, the job learns
-that the folder can be written and that it would replace only files udquant wrote there.
+that the folder can be written and that it would replace only files udquant wrote there. A single
+file a command writes where the user says (--json, --plot, recipe --output) likewise replaces only a
+file of its own kind: a mistyped option value must not overwrite a GGUF.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,45 @@ def output_file_names(model: ModelInfo, levels: Iterable[str], *, mmproj: bool =
     """The files write_outputs may put in the output folder besides the card and the result JSON."""
     names = [name for level in levels for name in (gguf_file_name(model, level), recipe_file_name(model, level))]
     return names + ([mmproj_file_name(model)] if mmproj else []) + ([PLOT_NAME] if plot else [])
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_RECIPE_MAX_BYTES = 4 << 20
+
+
+def is_png(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def is_json_document(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(4096).lstrip().startswith((b"{", b"["))
+
+
+def is_recipe(path: Path) -> bool:
+    if path.stat().st_size > _RECIPE_MAX_BYTES:
+        return False
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(document, dict) and isinstance(document.get("rules"), list)
+
+
+def check_output_file(path: Path | None, option: str, kind: str, is_kind: Callable[[Path], bool]) -> None:
+    """Refuse, before any work, an output file that could not be written (a folder by that name, or a file where a
+    folder above it would have to be) or whose writing would replace a file that is not `kind` (is_kind)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder, not a file", hint="give a file name")
+    if (blocking := file_in_the_way(path.parent)) is not None:
+        raise InputError(f"{option} {path}: {blocking} is a file, not a folder",
+                         hint="give a path whose folders are folders (or do not exist yet)")
+    if path.is_file() and not is_kind(path):
+        raise InputError(f"{option} {path} exists and is not {kind}: it is not replaced",
+                         hint="give a new file name, or move that file first")
 
 
 def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str] = (),

@@ -6,7 +6,6 @@ Screenshots go to test-artifacts/space/. Needs `apt-get install -y chromium` (ne
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -17,7 +16,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,9 +25,9 @@ from tests.fakes.github_api import FakeGitHub
 from tests.fakes.hub_jobs import HubJobs
 from tests.fakes.hub_models import add_distill
 from tests.hubserver import HubServer
+from tests.space_app import APP, load_app_module
 
 ROOT = Path(__file__).resolve().parents[2]
-APP = ROOT / "space" / "app.py"
 ARTIFACTS = ROOT / "test-artifacts" / "space"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
@@ -49,15 +47,6 @@ def _free_port() -> int:
 def _app_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "SYSTEM", "HF_TOKEN")}
     return env | {"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"} | extra
-
-
-def load_app_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("udquant_space_app", APP)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

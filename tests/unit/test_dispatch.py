@@ -90,6 +90,20 @@ def test_job_args_without_output_repo_or_private() -> None:
                                        "--recipe", "generic/UD-Q4_K_XL", "--imatrix", "none", "--upload"]
 
 
+def test_the_job_runs_whether_its_command_replaces_the_entrypoint_or_follows_it(
+        request_two_levels: DispatchRequest, capsys: pytest.CaptureFixture[str]) -> None:
+    """HF Jobs is sent the whole command line; a runner that appends it to ENTRYPOINT ["udquant-job"] gives the job
+    its own name first. Either way the job reads the same arguments; a local folder named udquant-job stays one."""
+    from udquant.cli import _without_own_name, job_main
+
+    command = build_job_args(request_two_levels)
+    assert _without_own_name(command[1:], "udquant-job") == command[1:]  # command replaced the entrypoint
+    assert _without_own_name(command, "udquant-job") == command[1:]  # command appended to it
+    assert _without_own_name(["udquant-job", "--no-upload"], "udquant-job") == ["udquant-job", "--no-upload"]
+    assert job_main(["udquant-job", "./no-such-model", "--no-upload"]) == 2
+    assert "./no-such-model: no such directory" in capsys.readouterr().err
+
+
 def test_job_args_parse_with_the_jobs_own_parser(request_two_levels: DispatchRequest) -> None:
     """The contract with udquant-job: every argument is one it knows, with the meaning intended."""
     from udquant.cli import add_job_arguments

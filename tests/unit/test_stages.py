@@ -410,6 +410,33 @@ def test_output_files_that_cannot_be_written_are_refused_before_any_work(tmp_pat
         assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
+def test_an_output_file_replaces_only_a_file_of_its_own_kind(tmp_path):
+    """A mistyped command (`--plot q4.gguf` where q4.gguf was meant as a quant) must not overwrite the GGUF."""
+    gguf = tmp_path / "q4.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    env = {**os.environ, "UDQUANT_LLAMA_CPP": str(tmp_path / "no-toolchain")}
+    runs = [(["eval", "a.gguf", "b.gguf", "--plot", "q4.gguf"], "--plot q4.gguf exists and is not a PNG"),
+            (["eval", "a.gguf", "b.gguf", "--json", "q4.gguf"], "--json q4.gguf exists and is not a JSON"),
+            (["recipe", "extract", "x.gguf", "-o", "q4.gguf"], "--output q4.gguf exists and is not a udquant")]
+    for argv, message in runs:
+        done = subprocess.run([str(Path(sys.executable).parent / "udquant"), *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert gguf.read_bytes().startswith(b"GGUF")
+    # What udquant itself wrote there before is replaced, as a rerun expects.
+    from udquant.out_dir import check_output_file, is_json_document, is_png, is_recipe
+
+    (tmp_path / "old.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
+    (tmp_path / "old.json").write_text('\n  {"base": "x"}')
+    (tmp_path / "old.yaml").write_text("id: generic/UD-Q4_K_XL\nrules:\n- {pattern: x, type: Q8_0}\n")
+    for name, kind, is_kind in [("old.png", "a PNG image", is_png), ("old.json", "a JSON document", is_json_document),
+                                ("old.yaml", "a udquant recipe", is_recipe), ("new.png", "a PNG image", is_png)]:
+        check_output_file(tmp_path / name, "--x", kind, is_kind)
+    (tmp_path / "notes.yaml").write_text("just: notes\n")
+    with pytest.raises(InputError, match="exists and is not a udquant recipe"):
+        check_output_file(tmp_path / "notes.yaml", "--output", "a udquant recipe", is_recipe)
+
+
 def test_disk_space(tmp_path):
     check_disk_space(tmp_path / "not" / "yet", 1)
     with pytest.raises(DiskSpaceError, match=r"needs about .* GB are free"):
