@@ -27,7 +27,7 @@ from udquant.out_dir import SPLIT_NAME, check_out_dir, gguf_file_name, mmproj_fi
 from udquant.output import ImatrixUse, LevelOutput, kept_levels, kept_mmproj, sha256_file, write_outputs
 from udquant.progress import stage_progress
 from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
-from udquant.quantize import quantize_model
+from udquant.quantize import check_imatrix_coverage, quantize_model
 from udquant.recipe import (
     DEFAULT_LEVEL,
     QuantPlan,
@@ -316,7 +316,11 @@ def run_job(options: JobOptions) -> JobResult:
         check_imatrix_fits(early_imatrix, bf16_header)
     for plan in plans:
         check_fallbacks(plan)  # before the imatrix and every quantize, not after
+        if options.imatrix == "none":
+            check_imatrix_coverage(plan, None)
     imatrix = _prepare_imatrix(options, model, toolchain, bf16, bf16_header, convert_stage.key, timings)
+    for plan in plans:  # before the first level is made
+        check_imatrix_coverage(plan, imatrix.imatrix)
 
     levels = []
     for plan in plans:

@@ -9,7 +9,7 @@ from pathlib import Path
 from udquant.errors import RecipeError
 from udquant.imatrix import Imatrix
 from udquant.progress import StageProgress
-from udquant.recipe import NEEDS_IMATRIX, NEEDS_NO_IMATRIX, QuantPlan
+from udquant.recipe import ALWAYS_NEEDS_IMATRIX, NEEDS_IMATRIX, NEEDS_NO_IMATRIX, QuantPlan
 from udquant.runner import run_tool
 from udquant.toolchain import Toolchain
 from udquant.workdir import atomic_output
@@ -27,17 +27,21 @@ def build_quantize_args(toolchain: Toolchain, source: Path, output: Path, plan: 
 
 
 def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None) -> None:
-    """IQ1/IQ2/IQ3_XXS types cannot be made without imatrix entries for their tensors."""
-    needing = [t.name for t in plan.tensors
-               if t.quantized and t.written in NEEDS_IMATRIX and t.name not in NEEDS_NO_IMATRIX]
+    """IQ1/IQ2/IQ3_XXS types cannot be made without imatrix entries for their tensors; IQ1_S, IQ2_XXS and
+    IQ2_XS not even on the embeddings and the output, which llama-quantize exempts from its own check."""
+    needing = [t.name for t in plan.tensors if t.quantized and (
+        t.written in ALWAYS_NEEDS_IMATRIX or (t.written in NEEDS_IMATRIX and t.name not in NEEDS_NO_IMATRIX))]
     covered = imatrix.widths if imatrix else {}
     missing = [name for name in needing if name not in covered]
     if missing:
         types = sorted({t.written for t in plan.tensors if t.name in missing})
+        hint = "give an imatrix that covers them, or a recipe with other types there"
+        if unfed := [name for name in missing if name in NEEDS_NO_IMATRIX]:
+            hint = (f"{', '.join(unfed)} never get imatrix entries from udquant's llama-imatrix run: give them "
+                    f"another type (e.g. q4_K or more), or {hint}")
         raise RecipeError(
             f"recipe {plan.recipe.id} asks for {', '.join(types)} on {len(missing)} tensors "
-            f"without imatrix entries, e.g. {', '.join(missing[:5])}",
-            hint="give an imatrix that covers them, or a recipe with other types there")
+            f"without imatrix entries, e.g. {', '.join(missing[:5])}", hint=hint)
 
 
 def quantize_model(toolchain: Toolchain, source: Path, plan: QuantPlan, output: Path, *,

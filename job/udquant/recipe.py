@@ -30,7 +30,7 @@ BASE_FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S
 FALLBACKS = {
     "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl",
     "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl",
-    "q2_K": "q4_0", "q3_K": "q4_0", "tq1_0": "q4_0", "tq2_0": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1",
+    "q2_0": "q4_0", "q2_K": "q4_0", "q3_K": "q4_0", "tq1_0": "q4_0", "tq2_0": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1",
     "q6_K": "q8_0",
 }
 # Types ggml_quantize_chunk cannot write: asking llama-quantize for one aborts it mid-file.
@@ -39,6 +39,10 @@ NOT_WRITABLE = ("q8_1", "q8_K", "i8", "i16", "i32", "i64", "f64")
 # embeddings and the output (tensor_requires_imatrix).
 NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs")
 NEEDS_NO_IMATRIX = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
+# Types ggml cannot write at all without importance data (ggml_quantize_requires_imatrix): on the
+# embeddings and the output as well, which llama-quantize's own check lets through before it aborts
+# mid-file. llama-imatrix gives those no entries unless run with --process-output (udquant does not).
+ALWAYS_NEEDS_IMATRIX = ("iq1_s", "iq2_xxs", "iq2_xs")
 # What llama-quantize never quantizes (tensor_allows_quantization, src/llama-quant.cpp): names
 # containing one of these parts, names equal to one of the exact ones, and for glm5-next more parts.
 NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",

@@ -269,15 +269,26 @@ def test_upper_case_tensor_names_cannot_get_a_type():
 
 
 def test_imatrix_needs_follow_what_llama_quantize_writes():
-    # output.weight and token_embd need no entries; a type that falls back to iq4_nl needs none either.
+    # A type that falls back to iq4_nl needs no entries.
     plan = plan_quantization(one_type("iq2_xxs"), header_of(llama_layout(n_layers=1, hidden=256, ffn=1152)))
-    # Left: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up (ffn_down's rows of 1152 make it iq4_nl).
-    with pytest.raises(RecipeError, match=r"asks for iq2_xxs on 6 tensors without imatrix entries"):
+    # Left: token_embd, output, attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up (ffn_down's rows of 1152
+    # make it iq4_nl).
+    with pytest.raises(RecipeError, match=r"asks for iq2_xxs on 8 tensors without imatrix entries"):
         check_imatrix_coverage(plan, None)
-    embeddings_only = parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M", "rules": [
-        {"match": "token_embd\\.weight|output\\.weight", "type": "iq2_xxs"}, {"match": ".*", "type": "q5_K"}]},
-        "test.yaml")
-    check_imatrix_coverage(plan_quantization(embeddings_only, header_of(llama_layout())), None)
+    # llama-quantize exempts the embeddings and the output from its check, but ggml cannot write IQ1_S, IQ2_XXS
+    # or IQ2_XS without importance data at all (it aborts mid-file): those need entries there too.
+    for low_bit, refused in [("iq2_xxs", True), ("iq2_xs", True), ("iq1_s", True), ("iq3_xxs", False),
+                             ("iq2_s", False), ("iq1_m", False)]:
+        embeddings_only = parse_recipe({"id": "t", "arch": "any", "base": "Q5_K_M", "rules": [
+            {"match": "token_embd\\.weight|output\\.weight", "type": low_bit}, {"match": ".*", "type": "q5_K"}]},
+            "test.yaml")
+        plan = plan_quantization(embeddings_only, header_of(llama_layout()))
+        if not refused:
+            check_imatrix_coverage(plan, None)
+            continue
+        with pytest.raises(RecipeError, match=rf"asks for {low_bit} on 2 tensors without imatrix entries") as err:
+            check_imatrix_coverage(plan, None)
+        assert "token_embd.weight, output.weight never get imatrix entries" in str(err.value.hint)
 
 
 @pytest.mark.parametrize(("name", "shape", "arch", "quantized"), [
