@@ -23,12 +23,13 @@ from rich.table import Table
 
 from udquant import __version__
 from udquant.arguments import finite_number, whole_number
+from udquant.dispatch.base import redact
 from udquant.dispatch.cli import add_dispatch_command
 from udquant.errors import InputError, UdquantError
 from udquant.evaluate import DEFAULT_EVAL_CHUNKS, DEFAULT_EVAL_CONTEXT, MAX_EVAL_CHUNKS
 from udquant.job import DEFAULT_IMATRIX_CONTEXT, JobOptions, JobResult, run_job, will_upload
 from udquant.measure import EvalSettings
-from udquant.out_dir import check_output_file, is_json_document, is_png, is_recipe
+from udquant.out_dir import check_output_file, is_eval_json, is_extracted_recipe, is_udquant_plot
 from udquant.recipe import DEFAULT_LEVEL, check_level_name
 from udquant.resolve import looks_like_path, validate_repo_id
 from udquant.workdir import write_text_atomic
@@ -36,7 +37,8 @@ from udquant.workdir import write_text_atomic
 logger = logging.getLogger("udquant")
 
 GIGABYTES = finite_number("a size in GB", at_least=0, scale=1e9)
-POSITIVE_GIGABYTES = finite_number("a size in GB", above=0, scale=1e9)
+HUB_FILE_LIMIT_GB = 50.0  # the Hub refuses larger files, at the commit, after all the work
+SPLIT_GIGABYTES = finite_number("a size in GB", above=0, at_most=HUB_FILE_LIMIT_GB, scale=1e9)
 
 # Exit codes of errors are set on the error classes (errors.py) and listed in the README.
 EXIT_INTERRUPTED = 130
@@ -130,7 +132,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep results local")
     parser.add_argument("--output-repo", help="Hub repo for the results (default: <you>/<Name>-UD-GGUF)")
     parser.add_argument("--private", action="store_true", help="create the output repo private")
-    parser.add_argument("--split-size-gb", type=POSITIVE_GIGABYTES, default=45.0,
+    parser.add_argument("--split-size-gb", type=SPLIT_GIGABYTES, default=45.0,
                         help="split GGUF files larger than this before upload (default: 45, under the Hub's 50)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -243,8 +245,8 @@ def _run(action: str, func: object, args: argparse.Namespace) -> int:
     try:
         with _sigterm_as_interrupt():
             return int(func(args))  # type: ignore[operator]
-    except UdquantError as err:
-        logger.error("%s failed: %s", action, err)
+    except UdquantError as err:  # a service's answer may echo what it was sent: never a token
+        logger.error("%s failed: %s", action, redact(str(err), _known_secrets()))
         return err.exit_code
     except KeyboardInterrupt as interrupt:
         what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
@@ -253,8 +255,14 @@ def _run(action: str, func: object, args: argparse.Namespace) -> int:
     except Exception:
         if os.environ.get("UDQUANT_DEBUG"):
             raise
-        logger.exception("internal error (set UDQUANT_DEBUG=1 for the traceback)")
+        logger.exception("internal error: a bug in udquant; please report it with the traceback below")
         return EXIT_INTERNAL
+
+
+def _known_secrets() -> list[str | None]:
+    from huggingface_hub import get_token
+
+    return [get_token(), os.environ.get("GITHUB_TOKEN")]
 
 
 def _job(args: argparse.Namespace) -> int:
@@ -296,22 +304,22 @@ def _eval(args: argparse.Namespace) -> int:
     from udquant.toolchain import find_toolchain
 
     settings = eval_settings_from_args(args)
-    check_output_file(args.json, "--json", "a JSON document", is_json_document)
-    check_output_file(args.plot, "--plot", "a PNG image", is_png)
-    if args.plot:
+    json_path = check_output_file(args.json, "--json", "udquant eval's JSON", is_eval_json) if args.json else None
+    plot_path = check_output_file(args.plot, "--plot", "a plot udquant drew", is_udquant_plot) if args.plot else None
+    if plot_path:
         require_plotting()
     rows = compare_files(find_toolchain(), args.base, args.quants, settings, args.work_dir)
     print(render_eval_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.json, json.dumps({"base": args.base.name, "eval_text": settings.describe(),
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_path, json.dumps({"base": args.base.name, "eval_text": settings.describe(),
                                                  "eval": [row.describe() for row in rows]}, indent=2) + "\n")
         _note(f"wrote {args.json}")
-    if args.plot:
+    if plot_path:
         from udquant.plot import plot_kld_vs_bpw
 
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot_kld_vs_bpw(rows, args.plot, title=f"KL divergence vs size, against {args.base.name}")
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_kld_vs_bpw(rows, plot_path, title=f"KL divergence vs size, against {args.base.name}")
         _note(f"wrote {args.plot}")
     return 0
 
@@ -346,7 +354,8 @@ def _recipe_extract(args: argparse.Namespace) -> int:
     from udquant.extract import dump_recipe, type_counts
     from udquant.recipe_commands import extract
 
-    check_output_file(args.output, "--output", "a udquant recipe", is_recipe)
+    output = check_output_file(args.output, "--output", "a recipe udquant extracted",
+                               is_extracted_recipe) if args.output else None
     document, layout = extract(args.source, file_glob=args.file, revision=args.revision,
                                token=os.environ.get("HF_TOKEN"), recipe_id=args.id, level=args.level)
     percent = 100 * layout.bytes_fetched / max(layout.bytes_total, 1)
@@ -357,9 +366,9 @@ def _recipe_extract(args: argparse.Namespace) -> int:
     assert isinstance(rules, list)
     _note(f"{len(layout.tensors)} tensors ({types}) -> {len(rules)} rules, fidelity 100 %")
     text = dump_recipe(document)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.output, text)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, text)
         print(args.output)
     else:
         sys.stdout.write(text)

@@ -98,7 +98,8 @@ class CorruptGGUFError(UdquantError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path}: not a valid GGUF file: {reason}",
-                         hint="delete it and run again; a partial download or a killed write leaves such files")
+                         hint="check it is the file you meant; a partial download or a killed write leaves such "
+                              "files: delete one of those and run again")
         self.path = path
 
 

@@ -26,7 +26,7 @@ from udquant.measure import EvalSettings, eval_disk_bytes, evaluate_levels, requ
 from udquant.out_dir import SPLIT_NAME, check_out_dir, gguf_file_name, mmproj_file_name, output_file_names
 from udquant.output import ImatrixUse, LevelOutput, kept_levels, kept_mmproj, sha256_file, write_outputs
 from udquant.progress import stage_progress
-from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, plan_target, publish, split_for_upload
+from udquant.publish import DEFAULT_SPLIT_BYTES, Publication, Target, plan_target, publish, split_for_upload
 from udquant.quantize import check_imatrix_coverage, quantize_model
 from udquant.recipe import (
     DEFAULT_LEVEL,
@@ -42,7 +42,7 @@ from udquant.recipe import (
 from udquant.resolve import ModelInfo, check_mtp_option, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
-from udquant.workdir import StageDir, check_work_dir, find_stage, open_stage
+from udquant.workdir import StageDir, check_work_dir, find_stage, hold_model_lock, open_stage
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,23 @@ def run_job(options: JobOptions) -> JobResult:
         toolchain = find_toolchain()
         early_imatrix = read_imatrix(Path(options.imatrix)) if options.imatrix not in IMATRIX_MODES else None
         upload = will_upload(options.upload, from_hub=model.repo_id is not None, token=options.token)
-        target = plan_target(model.name, model.repo_id or model.name, output_repo=options.output_repo,
-                             private=options.private, token=options.token) if upload else None
+        target = _plan_upload(options, model) if upload else None
+    # Jobs for models of one name share stage folders and the default output folder: in one work dir
+    # they take turns, even from containers sharing its volume (see hold_model_lock).
+    with hold_model_lock(options.work_dir, model.name, model.repo_id or model.name) as waited:
+        if waited and target is not None:  # the job it waited for may have uploaded to the same repo
+            target = _plan_upload(options, model)
+        return _make_quants(options, model, recipes, toolchain, early_imatrix, target, timings)
+
+
+def _plan_upload(options: JobOptions, model: ModelInfo) -> Target:
+    return plan_target(model.name, model.repo_id or model.name, output_repo=options.output_repo,
+                       private=options.private, token=options.token)
+
+
+def _make_quants(options: JobOptions, model: ModelInfo, recipes: list[Recipe], toolchain: Toolchain,
+                 early_imatrix: Imatrix | None, target: Target | None, timings: Timings) -> JobResult:
+    """Everything after resolve, while this job holds the model's lock in the work dir."""
     no_mtp = model.needs_no_mtp if options.no_mtp is None else options.no_mtp
     if model.needs_no_mtp:
         lacking = (f"config declares {model.declared_mtp_layers} MTP layer(s) the weights lack"

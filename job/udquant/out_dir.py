@@ -53,42 +53,58 @@ def output_file_names(model: ModelInfo, levels: Iterable[str], *, mmproj: bool =
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_RECIPE_MAX_BYTES = 4 << 20
+# The PNG text chunk udquant's plots carry (plot.py): what marks a plot as one udquant may replace.
+PLOT_SOFTWARE = "udquant"
+EVAL_JSON_KEYS = ("base", "eval_text", "eval")  # what `udquant eval --json` writes
+_SMALL_FILE_BYTES = 16 << 20
 
 
-def is_png(path: Path) -> bool:
+def is_udquant_plot(path: Path) -> bool:
     with path.open("rb") as file:
-        return file.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+        start = file.read(4096)
+    return start.startswith(PNG_SIGNATURE) and b"Software\x00" + PLOT_SOFTWARE.encode() in start
 
 
-def is_json_document(path: Path) -> bool:
-    with path.open("rb") as file:
-        return file.read(4096).lstrip().startswith((b"{", b"["))
+def is_eval_json(path: Path) -> bool:
+    document = _small_document(path, json.loads)
+    return isinstance(document, dict) and all(key in document for key in EVAL_JSON_KEYS)
 
 
-def is_recipe(path: Path) -> bool:
-    if path.stat().st_size > _RECIPE_MAX_BYTES:
-        return False
+def is_extracted_recipe(path: Path) -> bool:
+    """A recipe `udquant recipe extract` wrote (read from a template), not one written or derived by hand."""
+    document = _small_document(path, yaml.safe_load)
+    provenance = document.get("provenance") if isinstance(document, dict) else None
+    return isinstance(provenance, dict) and provenance.get("kind") == "template"
+
+
+def _small_document(path: Path, parse: Callable[[str], Any]) -> Any:
+    if path.stat().st_size > _SMALL_FILE_BYTES:
+        return None
     try:
-        document = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return False
-    return isinstance(document, dict) and isinstance(document.get("rules"), list)
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
 
 
-def check_output_file(path: Path | None, option: str, kind: str, is_kind: Callable[[Path], bool]) -> None:
-    """Refuse, before any work, an output file that could not be written (a folder by that name, or a file where a
-    folder above it would have to be) or whose writing would replace a file that is not `kind` (is_kind)."""
-    if path is None:
-        return
+def check_output_file(path: Path, option: str, kind: str, is_kind: Callable[[Path], bool]) -> Path:
+    """The file to write for `option PATH`, learnt before any work: it can be written, and writing it replaces
+    no file but one of its kind (`kind`, told by is_kind). A symlink is written through (its target is
+    returned); a folder, a device or a pipe by that name is refused."""
+    if len(path.name.encode()) > 255:
+        raise InputError(f"{option} {path}: the file name is longer than 255 bytes", hint="give a shorter name")
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder, not a file", hint="give a file name")
     if (blocking := file_in_the_way(path.parent)) is not None:
         raise InputError(f"{option} {path}: {blocking} is a file, not a folder",
                          hint="give a path whose folders are folders (or do not exist yet)")
-    if path.is_file() and not is_kind(path):
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        raise InputError(f"{option} {path} is not a regular file", hint="give the name of a file to write")
+    _check_writable_folder(target.parent, f"{option} {path}: the folder {target.parent}", "give another path")
+    if target.is_file() and not is_kind(target):
         raise InputError(f"{option} {path} exists and is not {kind}: it is not replaced",
                          hint="give a new file name, or move that file first")
+    return target
 
 
 def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str] = (),
@@ -161,18 +177,18 @@ def _is_udquant_split(folder: Path, stem: str) -> bool:
     return True
 
 
-def _check_writable_folder(out_dir: Path) -> None:
-    """Learn now, not after hours of work, that the folder is one and can be written."""
+def _check_writable_folder(out_dir: Path, label: str | None = None, hint: str = "choose another --out-dir") -> None:
+    """Learn now, not after hours of work, that the folder is one and can be written; label names it in errors."""
+    label = label or f"--out-dir {out_dir}"
     if out_dir.exists() or out_dir.is_symlink():
         if not out_dir.is_dir():
-            raise InputError(f"--out-dir {out_dir} is a file, not a folder", hint="choose another --out-dir")
+            raise InputError(f"{label} is a file, not a folder", hint=hint)
         if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise InputError(f"--out-dir {out_dir} is not writable", hint="choose another --out-dir")
+            raise InputError(f"{label} is not writable", hint=hint)
         return
     absolute = Path(os.path.abspath(out_dir))
     if (blocking := file_in_the_way(absolute)) is not None:
-        raise InputError(f"--out-dir {out_dir} cannot be created: {blocking} is a file, not a folder",
-                         hint="choose another --out-dir")
+        raise InputError(f"{label} cannot be created: {blocking} is a file, not a folder", hint=hint)
     missing = []
     for folder in (absolute, *absolute.parents):
         if folder.exists() or folder.is_symlink():
@@ -188,8 +204,7 @@ def _check_writable_folder(out_dir: Path) -> None:
                 continue
             made.append(folder)
     except OSError as err:
-        raise InputError(f"--out-dir {out_dir} cannot be created: {err.strerror}",
-                         hint="choose another --out-dir") from None
+        raise InputError(f"{label} cannot be created: {err.strerror}", hint=hint) from None
     finally:
         for folder in reversed(made):
             with contextlib.suppress(OSError):

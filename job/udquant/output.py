@@ -29,8 +29,10 @@ from udquant.out_dir import (
     RESULT_NAME,
     earlier_files,
     gguf_file_name,
+    is_udquant_card,
     mmproj_file_name,
     output_file_names,
+    read_udquant_result,
     recipe_file_name,
     remove_own_partials,
 )
@@ -248,6 +250,7 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
     written = earlier_files(out_dir, model)
     write_text_atomic(out_dir / PENDING_NAME,
                       json.dumps({"source": source, "files": sorted(written | set(names))}, indent=2) + "\n")
+    _withdraw_earlier_result(out_dir)
     level_records = []
     ggufs, recipes = [], []
     for level in levels:
@@ -312,6 +315,18 @@ def write_outputs(out_dir: Path, model: ModelInfo, levels: list[LevelOutput], im
     write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
     (out_dir / PENDING_NAME).unlink(missing_ok=True)
     return OutputFiles(tuple(ggufs), tuple(recipes), out_dir / CARD_NAME, result_path, plot)
+
+
+def _withdraw_earlier_result(out_dir: Path) -> None:
+    """Remove an earlier run's result JSON and card before any file they describe is replaced: a run stopped from
+    here on must not leave a folder that looks finished but describes other files. The pending record, written
+    first, keeps the files they listed udquant's, so the next run may still replace them."""
+    result = out_dir / RESULT_NAME
+    if result.is_file() and read_udquant_result(result) is not None:
+        result.unlink()
+    card = out_dir / CARD_NAME
+    if card.is_file() and is_udquant_card(card.read_text(errors="replace")):
+        card.unlink()
 
 
 def _eval_section(evals: Sequence[QuantEval], settings: EvalSettings | None) -> str:

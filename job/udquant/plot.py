@@ -11,7 +11,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from udquant import __version__
 from udquant.evaluate import QuantEval
+from udquant.out_dir import PLOT_SOFTWARE
 from udquant.workdir import atomic_output
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -49,5 +51,5 @@ def plot_kld_vs_bpw(points: Sequence[QuantEval], path: Path, *, title: str = "")
         axes.set_title(title)
     figure.tight_layout()
     with atomic_output(path) as partial:
-        figure.savefig(partial, format="png")
+        figure.savefig(partial, format="png", metadata={"Software": f"{PLOT_SOFTWARE} {__version__}"})
     return path

@@ -22,7 +22,7 @@ from udquant.template import TemplateLayout, read_template_file, read_template_r
 def read_template(source: str, *, file_glob: str | None, revision: str | None, token: str | None) -> TemplateLayout:
     if Path(source).exists() or source.endswith(".gguf"):
         return read_template_file(Path(source))
-    if not REPO_ID.match(source):
+    if not REPO_ID.fullmatch(source):
         raise InputError(f"{source!r} is neither a .gguf file nor a Hub repo id (owner/name)")
     if not file_glob:
         raise InputError("a Hub template needs --file GLOB, e.g. --file '*UD-Q5_K_XL*'")
@@ -177,7 +177,7 @@ def read_tracked(path: Path) -> list[TrackedTemplate]:
             raise RecipeError(f"{where}: {'; '.join(problems)}", hint=f"one line per template: {_TRACKED_FORMAT}")
         if not RECIPE_ID.fullmatch(entry["recipe"]):  # it names the file refresh writes
             raise RecipeError(f"{where}: recipe {entry['recipe']!r} is not a library id such as qwen3/UD-Q4_K_XL")
-        if not REPO_ID.match(entry["repo"]):
+        if not REPO_ID.fullmatch(entry["repo"]):
             raise RecipeError(f"{where}: repo {entry['repo']!r} is not a Hub repo id (owner/name)")
         revision = entry.get("revision")
         if revision is not None and not isinstance(revision, str):
@@ -202,6 +202,7 @@ def refresh_recipes(tracked: Path, *, token: str | None = None) -> list[RefreshO
     from udquant.errors import UdquantError
     from udquant.extract import dump_recipe
     from udquant.template import read_template_remote
+    from udquant.workdir import write_text_atomic
 
     outcomes = []
     for entry in read_tracked(tracked):
@@ -219,7 +220,7 @@ def refresh_recipes(tracked: Path, *, token: str | None = None) -> list[RefreshO
             outcomes.append(RefreshOutcome(entry.recipe_id, "unchanged", f"{entry.repo}@{layout.revision}"))
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(dump_recipe(document))
+        write_text_atomic(target, dump_recipe(document))
         outcomes.append(RefreshOutcome(entry.recipe_id, "updated", f"{entry.repo}@{layout.revision}"))
     return outcomes
 
@@ -228,6 +229,6 @@ def _current_recipe(path: Path) -> dict[str, Any]:
     """The library recipe refresh may replace; one that is not a readable mapping is replaced."""
     try:
         data = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -15,8 +15,10 @@ import yaml
 from udquant.errors import InputError, UnsupportedArchitectureError
 from udquant.library import recipes_dir
 
-# Hub repo ids: "owner/name", letters, digits, '-', '_', '.', at most 96 characters each.
-REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Hub repo ids: "owner/name", letters, digits, '-', '_', '.', at most 96 characters each, each part
+# ending in a letter, digit or '_' (the Hub's \b), no "--" or "..". Used with fullmatch.
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"(?!.*(--|\.\.)){_REPO_PART}/{_REPO_PART}")
 MTP_CONFIG_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers")
 MTP_WEIGHT_MARKERS = ("mtp.", ".mtp_", "nextn")
 VISION_WEIGHT_MARKERS = ("visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
@@ -101,7 +103,7 @@ def supported_architectures() -> dict[str, str]:
 
 def validate_repo_id(repo_id: str, option: str | None = None) -> str:
     """repo_id when it is one; option names where an output repo was given (a source may also be a folder)."""
-    if not REPO_ID.match(repo_id) or repo_id.endswith(".git"):
+    if not REPO_ID.fullmatch(repo_id) or repo_id.endswith(".git"):
         if option is not None:
             raise InputError(f"{option} {repo_id!r} is not a Hugging Face repo id",
                              hint="write it as owner/name (letters, digits, '-', '_', '.')")

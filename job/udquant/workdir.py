@@ -2,24 +2,33 @@
 
 A stage writes into work/<stage>-<key>/ under temporary names and renames when complete;
 then done.json records the output's name and size. A stage counts as done only when
-done.json and an output of that size are both there.
+done.json and an output of that size are both there. Jobs for models of one name take turns in a
+work dir: each holds its model's lock file in work/locks/ while it runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from udquant.errors import InputError
 
+logger = logging.getLogger(__name__)
+
 DONE = "done.json"
+LOCKS = "locks"
+LOCK_NAME_CHARS = 100  # a local folder's name may be far longer than a file name may be
 
 
 @dataclass(frozen=True)
@@ -146,3 +155,70 @@ def open_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:
     remove_stale_partials(path)
     (path / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
     return StageDir(path, stage, key)
+
+
+def model_lock_path(work_root: Path, model_name: str) -> Path:
+    """The lock file of the jobs for models named model_name, the name made safe for any file system."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:LOCK_NAME_CHARS]
+    return work_root / LOCKS / f"{safe or '_'}.lock"
+
+
+@contextmanager
+def hold_model_lock(work_root: Path, model_name: str, shown_as: str) -> Iterator[bool]:
+    """Hold the work dir's lock for models named model_name while the block runs; while another job
+    holds it, say so once and wait for it to finish. Yields whether it waited; shown_as names the
+    model in messages.
+
+    Such jobs share stage folders and the default output folder udquant-out/<name>: they take turns,
+    and the later one reuses the stages the earlier one finished. The pids in partial names cannot
+    keep them apart: each container has its own pids, so a job sees neither whether another
+    container's job is alive nor that a partial of the same pid is not its own. An flock is the
+    kernel's, across the containers that share a volume on one host, and ends with its holder
+    however that ends.
+    """
+    path = model_lock_path(work_root, model_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # "a+": the holder's record stays readable until this job owns the lock. Python's files are not
+    # inherited by the tools a job runs (PEP 446): a tool left running cannot keep the lock.
+    with path.open("a+", encoding="utf-8") as lock:
+        locked = _lock_at_once(lock)
+        if locked is None:
+            yield False
+            return
+        if not locked:
+            logger.warning("%s", _waiting_line(lock, work_root, shown_as))
+            # A signal handler that raises (Ctrl-C, the CLI's SIGTERM) ends the wait: fcntl.flock
+            # retries after EINTR only when the handler returns (PEP 475).
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(json.dumps({"model": shown_as, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        lock.flush()
+        yield not locked
+
+
+def _lock_at_once(lock: TextIO) -> bool | None:
+    """flock the file unless another job holds it: whether it is locked now; None where the file system
+    has no locks."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:  # NFS without a lock daemon, some FUSE file systems
+        logger.warning("%s cannot be locked (%s): running unlocked, so do not start a second job for this "
+                       "model in this work dir until this one ends", lock.name, err.strerror or err)
+        return None
+    return True
+
+
+def _waiting_line(lock: TextIO, work_root: Path, shown_as: str) -> str:
+    """Who holds the lock and on what, from the holder's record; why we wait when its model is another."""
+    lock.seek(0)
+    try:
+        record = json.loads(lock.read())
+        holder = f" (pid {int(record['pid'])} on host {record['host']})"
+        model = str(record["model"])
+    except (ValueError, KeyError, TypeError):  # written by nobody yet, or being written
+        holder, model = "", shown_as
+    why = "" if model == shown_as else f" ({shown_as} has the same name: such jobs take turns)"
+    return f"another udquant job{holder} is working on {model} in {work_root}; waiting for it to finish{why}"

@@ -387,11 +387,11 @@ def test_quantize_inputs_reach_the_job(tmp_path):
 @pytest.mark.parametrize("repo", [
     "owner/Distill-7B", "a/b", "Org_1/name.v2-GGUF", "owner/x--y", "owner/../x", "../etc", "owner/name.git",
     "owner", "a/b/c", "-rf/x", "owner/name; rm -rf ~", "$(id)/x", "owner/`id`", "owner/name\n--private",
-    "owner/" + "x" * 96, "owner/" + "x" * 95, "",
+    "owner/" + "x" * 96, "owner/" + "x" * 95, "", "owner/name-", "owner/name.", "owner/name_", "owner-/name",
 ])
 def test_quantize_accepts_exactly_the_repo_ids_the_job_does(tmp_path, repo):
     done = run_step(step_named(load_workflow(QUANTIZE), "Check the inputs"), tmp_path, {"repo": repo})
-    job_accepts = bool(REPO_ID.match(repo)) and not repo.endswith(".git")
+    job_accepts = bool(REPO_ID.fullmatch(repo)) and not repo.endswith(".git")
     assert (done.returncode == 0) == job_accepts, done.stdout + done.stderr
 
 

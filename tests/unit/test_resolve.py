@@ -44,7 +44,8 @@ def test_declared_mtp_without_weights_needs_no_mtp(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["justname", "a/b/c", "-bad/name", "owner/na me", "owner/..x", "o--o/x",
-                                 "owner/name.git", "o" * 97 + "/x"])
+                                 "owner/name.git", "o" * 97 + "/x", "owner/name-", "owner/name.", "owner./name",
+                                 "owner/name\n"])  # the Hub's ids end each part in a letter, digit or '_'
 def test_malformed_repo_ids(bad):
     with pytest.raises(InputError, match="is neither an existing directory nor a Hugging Face repo id"):
         validate_repo_id(bad)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fakes.hub_models import safetensors_header_only
+from tests.fake_job import fake_toolchain, tiny_llama_folder
 from tests.layouts import header_of, llama_layout
 from udquant import toolchain as toolchain_module
 from udquant.cli import add_job_arguments, options_from_args
@@ -155,25 +155,6 @@ while True:
 """
 
 
-def _slow_toolchain(root: Path) -> Path:
-    (root / "bin").mkdir(parents=True)
-    (root / "src").mkdir()
-    (root / "src" / "convert_hf_to_gguf.py").write_text(SLOW_CONVERTER)
-    for tool in TOOLS:
-        (root / "bin" / tool).touch(mode=0o755)
-    (root / "toolchain.json").write_text(json.dumps({"tag": "b11434", "backend": "cpu"}))
-    return root
-
-
-def _tiny_llama_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": 8, "vocab_size": 16}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "model.safetensors").write_bytes(safetensors_header_only({"model.embed_tokens.weight": [16, 8]})
-                                               + b"\0" * 256)
-    return folder
-
-
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -185,10 +166,10 @@ def test_sigterm_stops_the_running_tool_and_removes_its_partial(tmp_path):
     """docker stop / a cancelled HF Job send SIGTERM to udquant-job alone (Ctrl-C reaches the whole
     process group): the tool it runs must not live on as an orphan writing its partial file."""
     pid_file = tmp_path / "converter.pid"
-    env = {**os.environ, "UDQUANT_LLAMA_CPP": str(_slow_toolchain(tmp_path / "toolchain")),
+    env = {**os.environ, "UDQUANT_LLAMA_CPP": str(fake_toolchain(tmp_path / "toolchain", SLOW_CONVERTER)),
            "FAKE_CONVERTER_PID_FILE": str(pid_file)}
     work = tmp_path / "work"
-    job = subprocess.Popen([str(Path(sys.executable).parent / "udquant-job"), str(_tiny_llama_folder(tmp_path / "m")),
+    job = subprocess.Popen([str(Path(sys.executable).parent / "udquant-job"), str(tiny_llama_folder(tmp_path / "m")),
                             "--work-dir", str(work), "--out-dir", str(tmp_path / "out"), "--imatrix", "none",
                             "--no-upload", "--disk-reserve-gb", "0"],
                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -342,8 +323,9 @@ def _job_options(*argv: str) -> JobOptions:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--split-size-gb", "nan"], "--split-size-gb: 'nan' is not a size in GB (a finite number > 0)"),
-    (["--split-size-gb", "0"], "--split-size-gb: '0' is not a size in GB (a finite number > 0)"),
+    (["--split-size-gb", "nan"], "--split-size-gb: 'nan' is not a size in GB (a finite number > 0 and <= 50)"),
+    (["--split-size-gb", "0"], "--split-size-gb: '0' is not a size in GB (a finite number > 0 and <= 50)"),
+    (["--split-size-gb", "60"], "--split-size-gb: '60' is not a size in GB (a finite number > 0 and <= 50)"),
     (["--split-size-gb", "1e300"], "--split-size-gb: '1e300' is not a size in GB"),
     (["--disk-reserve-gb", "nan"], "--disk-reserve-gb: 'nan' is not a size in GB (a finite number >= 0)"),
     (["--disk-reserve-gb", "-1"], "--disk-reserve-gb: '-1' is not a size in GB"),
@@ -414,27 +396,50 @@ def test_an_output_file_replaces_only_a_file_of_its_own_kind(tmp_path):
     """A mistyped command (`--plot q4.gguf` where q4.gguf was meant as a quant) must not overwrite the GGUF."""
     gguf = tmp_path / "q4.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     env = {**os.environ, "UDQUANT_LLAMA_CPP": str(tmp_path / "no-toolchain")}
-    runs = [(["eval", "a.gguf", "b.gguf", "--plot", "q4.gguf"], "--plot q4.gguf exists and is not a PNG"),
-            (["eval", "a.gguf", "b.gguf", "--json", "q4.gguf"], "--json q4.gguf exists and is not a JSON"),
-            (["recipe", "extract", "x.gguf", "-o", "q4.gguf"], "--output q4.gguf exists and is not a udquant")]
+    runs = [(["eval", "a.gguf", "b.gguf", "--plot", "q4.gguf"], "--plot q4.gguf exists and is not a plot udquant"),
+            (["eval", "a.gguf", "b.gguf", "--json", "config.json"], "--json config.json exists and is not udquant"),
+            (["recipe", "extract", "x.gguf", "-o", "q4.gguf"], "--output q4.gguf exists and is not a recipe udquant")]
     for argv, message in runs:
         done = subprocess.run([str(Path(sys.executable).parent / "udquant"), *argv], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert gguf.read_bytes().startswith(b"GGUF")
-    # What udquant itself wrote there before is replaced, as a rerun expects.
-    from udquant.out_dir import check_output_file, is_json_document, is_png, is_recipe
+    assert gguf.read_bytes().startswith(b"GGUF") and "architectures" in (tmp_path / "config.json").read_text()
 
-    (tmp_path / "old.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
-    (tmp_path / "old.json").write_text('\n  {"base": "x"}')
-    (tmp_path / "old.yaml").write_text("id: generic/UD-Q4_K_XL\nrules:\n- {pattern: x, type: Q8_0}\n")
-    for name, kind, is_kind in [("old.png", "a PNG image", is_png), ("old.json", "a JSON document", is_json_document),
-                                ("old.yaml", "a udquant recipe", is_recipe), ("new.png", "a PNG image", is_png)]:
-        check_output_file(tmp_path / name, "--x", kind, is_kind)
-    (tmp_path / "notes.yaml").write_text("just: notes\n")
-    with pytest.raises(InputError, match="exists and is not a udquant recipe"):
-        check_output_file(tmp_path / "notes.yaml", "--output", "a udquant recipe", is_recipe)
+
+def test_what_an_output_file_may_replace_and_where_it_is_written(tmp_path):
+    from udquant.evaluate import EvalResult, QuantEval
+    from udquant.out_dir import check_output_file, is_eval_json, is_extracted_recipe, is_udquant_plot
+    from udquant.plot import plot_kld_vs_bpw
+
+    # What udquant itself wrote there before is replaced, as a rerun expects; a user's file of the same format is not.
+    result = EvalResult(mean_kld=0.01, mean_kld_stderr=0.001, kld_p99=0.1, median_kld=0.01, max_kld=0.2,
+                        same_top_p=0.99, ppl=10.0, ppl_base=9.9, ppl_ratio=1.01, chunks=4, context=256)
+    plot = plot_kld_vs_bpw([QuantEval("q", 1000, 4.5, result)], tmp_path / "old.png")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "old.json").write_text('{"base": "x.gguf", "eval_text": "t", "eval": []}')
+    (tmp_path / "extracted.yaml").write_text("id: a/B\nprovenance: {kind: template, source: u/T}\nrules: []\n")
+    (tmp_path / "mine.yaml").write_text("id: a/B\nprovenance: {kind: derived}\nrules: []\n")
+    for name, is_kind, replaced in [(plot.name, is_udquant_plot, True), ("photo.png", is_udquant_plot, False),
+                                    ("old.json", is_eval_json, True), ("extracted.yaml", is_extracted_recipe, True),
+                                    ("mine.yaml", is_extracted_recipe, False), ("new.png", is_udquant_plot, True)]:
+        if replaced:
+            assert check_output_file(tmp_path / name, "--x", "kind", is_kind) == tmp_path / name
+        else:
+            with pytest.raises(InputError, match=f"--x {tmp_path / name} exists and is not kind: it is not replaced"):
+                check_output_file(tmp_path / name, "--x", "kind", is_kind)
+    # A link is written through; a pipe, an unwritable folder and an overlong name are refused before any work.
+    (tmp_path / "link.json").symlink_to(tmp_path / "old.json")
+    assert check_output_file(tmp_path / "link.json", "--json", "kind", is_eval_json) == tmp_path / "old.json"
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(InputError, match="pipe is not a regular file"):
+        check_output_file(tmp_path / "pipe", "--json", "kind", is_eval_json)
+    with pytest.raises(InputError, match="longer than 255 bytes"):
+        check_output_file(tmp_path / ("x" * 300 + ".json"), "--json", "kind", is_eval_json)
+    with pytest.raises(InputError, match="--json /proc/1/none/x.json: the folder /proc/1/none cannot be created"):
+        check_output_file(Path("/proc/1/none/x.json"), "--json", "kind", is_eval_json)
+    assert not (tmp_path / "none").exists()
 
 
 def test_disk_space(tmp_path):
@@ -510,3 +515,18 @@ def test_a_build_that_failed_its_check_is_never_used(tmp_path, monkeypatch):
     shutil.rmtree(good)
     with pytest.raises(ToolchainError, match="no llama.cpp b11434 build found"):
         find_toolchain()
+
+
+def test_an_error_that_echoes_a_token_is_shown_without_it(monkeypatch, caplog):
+    """A service's answer may quote what it was sent; the one line the user sees never holds a token."""
+    from udquant.cli import _run
+    from udquant.errors import HubError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cr3t.+*?[]")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_another")
+
+    def echo(args: argparse.Namespace) -> int:
+        raise HubError("the Hub answered: bad token hf_s3cr3t.+*?[] for ghp_another", hint="retry")
+
+    assert _run("job", echo, argparse.Namespace()) == HubError.exit_code
+    assert "bad token *** for ***" in caplog.text and "s3cr3t" not in caplog.text and "ghp_another" not in caplog.text

@@ -119,7 +119,7 @@ class DispatchRequest:
         _check_recipe(self.recipe, self.levels)
         if self.imatrix not in IMATRIX_CHOICES:
             raise InputError(f"imatrix must be one of {', '.join(IMATRIX_CHOICES)}, not {self.imatrix!r}")
-        if not _IMAGE.match(self.image):
+        if not _IMAGE.fullmatch(self.image):
             raise InputError(f"{self.image!r} is not an image reference (registry/name:tag)")
 
 

@@ -49,7 +49,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def validate_repository(repository: str) -> str:
-    if not _REPOSITORY.match(repository) or ".." in repository:
+    if not _REPOSITORY.fullmatch(repository) or ".." in repository:
         raise DispatchError(NAME, f"{repository!r} is not a GitHub repository (owner/name)")
     return repository
 
@@ -97,9 +97,9 @@ class GitHubBackend:
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not token:
             raise DispatchError(NAME, "a GitHub token is needed", hint="set GITHUB_TOKEN (actions: write)")
-        if not _WORKFLOW.match(workflow):
+        if not _WORKFLOW.fullmatch(workflow):
             raise DispatchError(NAME, f"{workflow!r} is not a workflow file name")
-        if not _REF.match(ref) or ".." in ref:
+        if not _REF.fullmatch(ref) or ".." in ref:
             raise DispatchError(NAME, f"{ref!r} is not a branch or tag")
         self.repository = validate_repository(repository)
         self.workflow = workflow
