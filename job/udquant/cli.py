@@ -37,6 +37,7 @@ from udquant.workdir import write_text_atomic
 logger = logging.getLogger("udquant")
 
 GIGABYTES = finite_number("a size in GB", at_least=0, scale=1e9)
+SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
 HUB_FILE_LIMIT_GB = 50.0  # the Hub refuses larger files, at the commit, after all the work
 SPLIT_GIGABYTES = finite_number("a size in GB", above=0, at_most=HUB_FILE_LIMIT_GB, scale=1e9)
 
@@ -260,9 +261,15 @@ def _run(action: str, func: object, args: argparse.Namespace) -> int:
 
 
 def _known_secrets() -> list[str | None]:
-    from huggingface_hub import get_token
+    """The tokens an error could echo: read from the environment and the stored token file only (get_token may
+    ask the network, and may fail, while an error is being reported)."""
+    from huggingface_hub import constants
 
-    return [get_token(), os.environ.get("GITHUB_TOKEN")]
+    try:
+        stored = Path(constants.HF_TOKEN_PATH).read_text().strip()
+    except (OSError, ValueError):
+        stored = None
+    return [stored, *(os.environ.get(name) for name in SECRET_ENVS)]
 
 
 def _job(args: argparse.Namespace) -> int:

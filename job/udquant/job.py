@@ -331,8 +331,8 @@ def _make_quants(options: JobOptions, model: ModelInfo, recipes: list[Recipe], t
         check_imatrix_fits(early_imatrix, bf16_header)
     for plan in plans:
         check_fallbacks(plan)  # before the imatrix and every quantize, not after
-        if options.imatrix == "none":
-            check_imatrix_coverage(plan, None)
+        if options.imatrix in ("none", "compute"):  # what the imatrix will cover is known before it is made
+            check_imatrix_coverage(plan, None, to_compute=options.imatrix == "compute")
     imatrix = _prepare_imatrix(options, model, toolchain, bf16, bf16_header, convert_stage.key, timings)
     for plan in plans:  # before the first level is made
         check_imatrix_coverage(plan, imatrix.imatrix)

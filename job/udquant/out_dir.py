@@ -60,9 +60,14 @@ _SMALL_FILE_BYTES = 16 << 20
 
 
 def is_udquant_plot(path: Path) -> bool:
-    with path.open("rb") as file:
-        start = file.read(4096)
-    return start.startswith(PNG_SIGNATURE) and b"Software\x00" + PLOT_SOFTWARE.encode() in start
+    """A PNG udquant drew: its Software text chunk names udquant, or matplotlib (earlier plots, and others')."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(4096)
+    except OSError:
+        return False
+    return start.startswith(PNG_SIGNATURE) and any(b"Software\x00" + name in start
+                                                   for name in (PLOT_SOFTWARE.encode(), b"Matplotlib"))
 
 
 def is_eval_json(path: Path) -> bool:
@@ -78,11 +83,11 @@ def is_extracted_recipe(path: Path) -> bool:
 
 
 def _small_document(path: Path, parse: Callable[[str], Any]) -> Any:
-    if path.stat().st_size > _SMALL_FILE_BYTES:
-        return None
     try:
+        if path.stat().st_size > _SMALL_FILE_BYTES:
+            return None
         return parse(path.read_text())
-    except (ValueError, yaml.YAMLError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, yaml.YAMLError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
 
 
@@ -101,7 +106,7 @@ def check_output_file(path: Path, option: str, kind: str, is_kind: Callable[[Pat
     if target.exists() and not target.is_file():
         raise InputError(f"{option} {path} is not a regular file", hint="give the name of a file to write")
     _check_writable_folder(target.parent, f"{option} {path}: the folder {target.parent}", "give another path")
-    if target.is_file() and not is_kind(target):
+    if target.is_file() and target.stat().st_size > 0 and not is_kind(target):  # empty: e.g. made by mktemp
         raise InputError(f"{option} {path} exists and is not {kind}: it is not replaced",
                          hint="give a new file name, or move that file first")
     return target
@@ -140,6 +145,10 @@ def check_out_dir(out_dir: Path, model: ModelInfo, *, file_names: Collection[str
         if made_from != (model.repo_id or model.name):
             raise InputError(f"{out_dir} holds udquant's results for {made_from}, "
                              f"not for {model.repo_id or model.name}", hint="choose another --out-dir")
+    pending_for = _pending_source(out_dir)
+    if pending_for is not None and pending_for != (model.repo_id or model.name):
+        raise InputError(f"{out_dir} holds the outputs of a stopped udquant run for {pending_for}, "
+                         f"not for {model.repo_id or model.name}", hint="choose another --out-dir, or finish that run")
     ours = earlier_files(out_dir, model)
     theirs = sorted(name for name in file_names
                     if ((out_dir / name).exists() or (out_dir / name).is_symlink()) and name not in ours)
@@ -253,13 +262,25 @@ def files_written(result: dict[str, Any]) -> set[str]:
 
 def pending_files(out_dir: Path, model: ModelInfo) -> set[str]:
     """What a run for this model that was killed while writing its outputs had begun to write."""
+    pending = _pending_record(out_dir)
+    if pending is None or pending.get("source") != (model.repo_id or model.name):
+        return set()
+    return {name for name in pending.get("files") or [] if isinstance(name, str)}
+
+
+def _pending_source(out_dir: Path) -> str | None:
+    """The model a run stopped while writing its outputs was for, if one was."""
+    pending = _pending_record(out_dir)
+    source = pending.get("source") if pending is not None else None
+    return source if isinstance(source, str) else None
+
+
+def _pending_record(out_dir: Path) -> dict[str, Any] | None:
     try:
         pending = json.loads((out_dir / PENDING_NAME).read_text())
     except (OSError, ValueError):
-        return set()
-    if not isinstance(pending, dict) or pending.get("source") != (model.repo_id or model.name):
-        return set()
-    return {name for name in pending.get("files") or [] if isinstance(name, str)}
+        return None
+    return pending if isinstance(pending, dict) else None
 
 
 def remove_own_partials(out_dir: Path, names: Iterable[str]) -> None:

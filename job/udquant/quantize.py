@@ -26,13 +26,14 @@ def build_quantize_args(toolchain: Toolchain, source: Path, output: Path, plan: 
     return [*args, str(source), str(output), plan.recipe.base, str(threads)]
 
 
-def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None) -> None:
+def check_imatrix_coverage(plan: QuantPlan, imatrix: Imatrix | None, *, to_compute: bool = False) -> None:
     """IQ1/IQ2/IQ3_XXS types cannot be made without imatrix entries for their tensors; IQ1_S, IQ2_XXS and
-    IQ2_XS not even on the embeddings and the output, which llama-quantize exempts from its own check."""
+    IQ2_XS not even on the embeddings and the output, which llama-quantize exempts from its own check.
+    to_compute: the imatrix is udquant's llama-imatrix run, still to come, with entries for blk.* only."""
     needing = [t.name for t in plan.tensors if t.quantized and (
         t.written in ALWAYS_NEEDS_IMATRIX or (t.written in NEEDS_IMATRIX and t.name not in NEEDS_NO_IMATRIX))]
     covered = imatrix.widths if imatrix else {}
-    missing = [name for name in needing if name not in covered]
+    missing = [name for name in needing if not (name.startswith("blk.") if to_compute else name in covered)]
     if missing:
         types = sorted({t.written for t in plan.tensors if t.name in missing})
         hint = "give an imatrix that covers them, or a recipe with other types there"

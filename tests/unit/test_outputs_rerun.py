@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.unit.test_output import level_output, model
 from udquant import output
-from udquant.errors import UdquantError
+from udquant.errors import InputError, UdquantError
 from udquant.out_dir import check_out_dir, output_file_names
 from udquant.output import ImatrixUse, LevelOutput, sha256_file, write_outputs
 from udquant.toolchain import Toolchain
@@ -75,3 +76,15 @@ def test_a_rerun_stopped_midway_leaves_no_stale_card_or_result_and_the_next_run_
     assert "M-UD-Q4_K_XL.gguf" in (out / "README.md").read_text()
     assert not (out / ".udquant-writing.json").exists()
     assert (out / "notes.txt").read_text() == "a user's notes"
+
+
+def test_a_stopped_run_keeps_its_folder_from_another_models_job(tmp_path: Path) -> None:
+    """With the earlier result withdrawn, the stopped run's pending record is what tells whose folder it is."""
+    out = tmp_path / "out"
+    write(out, [quant(tmp_path, "first", "UD-Q5_K_XL")])
+    with pytest.raises(UdquantError):
+        write(out, [quant(tmp_path, "second", "UD-Q5_K_XL")], split=fail_split)
+    other = replace(model(), source="o/N", name="N", repo_id="o/N")
+    with pytest.raises(InputError, match="holds the outputs of a stopped udquant run for o/M, not for o/N"):
+        check_out_dir(out, other, file_names=output_file_names(other, ["UD-Q5_K_XL"]))
+    write(out, [quant(tmp_path, "third", "UD-Q5_K_XL")])  # the same model's rerun finishes it

@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as T
 from tests.layouts import header_of, llama_layout, qwen35_layout
 from udquant.errors import InputError, RecipeError
 from udquant.gguf_header import TensorInfo
+from udquant.imatrix import Imatrix
 from udquant.job import JobOptions, run_job
 from udquant.quantize import check_imatrix_coverage
 from udquant.recipe import (
@@ -289,6 +290,16 @@ def test_imatrix_needs_follow_what_llama_quantize_writes():
         with pytest.raises(RecipeError, match=rf"asks for {low_bit} on 2 tensors without imatrix entries") as err:
             check_imatrix_coverage(plan, None)
         assert "token_embd.weight, output.weight never get imatrix entries" in str(err.value.hint)
+        # Known before udquant computes its imatrix (entries for blk.* only), not after hours of llama-imatrix.
+        with pytest.raises(RecipeError, match=rf"asks for {low_bit} on 2 tensors without imatrix entries"):
+            check_imatrix_coverage(plan, None, to_compute=True)
+        # An imatrix made with --process-output (and a tied token_embd) has those entries: it is accepted.
+        full = Imatrix(Path("i.gguf"), "gguf", {"token_embd.weight": 256, "output.weight": 256}, (), 1, 512,
+                       {"token_embd.weight": 256, "output.weight": 256})
+        check_imatrix_coverage(plan, full)
+    blocks_only = plan_quantization(one_type("iq2_xxs"), header_of(llama_layout(n_layers=1, hidden=256, ffn=1152)))
+    with pytest.raises(RecipeError, match="on 2 tensors without imatrix entries, e.g. token_embd.weight, output"):
+        check_imatrix_coverage(blocks_only, None, to_compute=True)  # the 6 blk.* tensors it will cover
 
 
 @pytest.mark.parametrize(("name", "shape", "arch", "quantized"), [

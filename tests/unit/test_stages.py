@@ -418,12 +418,15 @@ def test_what_an_output_file_may_replace_and_where_it_is_written(tmp_path):
                         same_top_p=0.99, ppl=10.0, ppl_base=9.9, ppl_ratio=1.01, chunks=4, context=256)
     plot = plot_kld_vs_bpw([QuantEval("q", 1000, 4.5, result)], tmp_path / "old.png")
     (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "earlier.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(25) + b"tEXtSoftware\x00Matplotlib version3.9")
+    (tmp_path / "empty.json").touch()  # as mktemp makes it
     (tmp_path / "old.json").write_text('{"base": "x.gguf", "eval_text": "t", "eval": []}')
     (tmp_path / "extracted.yaml").write_text("id: a/B\nprovenance: {kind: template, source: u/T}\nrules: []\n")
     (tmp_path / "mine.yaml").write_text("id: a/B\nprovenance: {kind: derived}\nrules: []\n")
     for name, is_kind, replaced in [(plot.name, is_udquant_plot, True), ("photo.png", is_udquant_plot, False),
                                     ("old.json", is_eval_json, True), ("extracted.yaml", is_extracted_recipe, True),
-                                    ("mine.yaml", is_extracted_recipe, False), ("new.png", is_udquant_plot, True)]:
+                                    ("mine.yaml", is_extracted_recipe, False), ("new.png", is_udquant_plot, True),
+                                    ("earlier.png", is_udquant_plot, True), ("empty.json", is_eval_json, True)]:
         if replaced:
             assert check_output_file(tmp_path / name, "--x", "kind", is_kind) == tmp_path / name
         else:
@@ -517,16 +520,23 @@ def test_a_build_that_failed_its_check_is_never_used(tmp_path, monkeypatch):
         find_toolchain()
 
 
-def test_an_error_that_echoes_a_token_is_shown_without_it(monkeypatch, caplog):
+def test_an_error_that_echoes_a_token_is_shown_without_it(monkeypatch, caplog, tmp_path):
     """A service's answer may quote what it was sent; the one line the user sees never holds a token."""
+    from huggingface_hub import constants
+
     from udquant.cli import _run
     from udquant.errors import HubError
 
     monkeypatch.setenv("HF_TOKEN", "hf_s3cr3t.+*?[]")
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_another")
+    stored = tmp_path / "token"
+    stored.write_text("hf_stored\n")  # `hf auth login`
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(stored))
+    monkeypatch.setenv("HF_OIDC_RESOURCE", "models/x/y")  # get_token() would ask the network here, and fail
 
     def echo(args: argparse.Namespace) -> int:
-        raise HubError("the Hub answered: bad token hf_s3cr3t.+*?[] for ghp_another", hint="retry")
+        raise HubError("the Hub answered: bad token hf_s3cr3t.+*?[] for ghp_another, not hf_stored", hint="retry")
 
     assert _run("job", echo, argparse.Namespace()) == HubError.exit_code
-    assert "bad token *** for ***" in caplog.text and "s3cr3t" not in caplog.text and "ghp_another" not in caplog.text
+    assert "bad token *** for ***, not ***" in caplog.text
+    assert not any(secret in caplog.text for secret in ("s3cr3t", "ghp_another", "hf_stored"))
