@@ -1,5 +1,5 @@
-"""One look of the Space at a followed job (SpaceSession.poll), against a backend whose answers are scripted:
-what the page shows, what is released, and which job the page follows next."""
+"""One look of the Space at a followed job (SpaceSession.poll) through the real backends: local Docker on the fake
+engine, HF Jobs and whoami on the local Hub. What the page shows, what is released, and which job it follows next."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.docker_engine import FakeDockerEngine
+from tests.fakes.hub_jobs import HubJobs
 from tests.space_app import load_app_module
-from udquant.dispatch.base import DispatchError, JobHandle, JobStatus
-from udquant.errors import UdquantError
+from tests.unit.conftest import HF_TOKEN
+from udquant.dispatch.base import DispatchRequest, JobHandle
 
-TOKEN = "hf_space-poll-token-not-real"
-ENDED = JobHandle("docker", "c1", "host", "alice/X-UD-GGUF")
-NEXT = JobHandle("docker", "c2", "host", "alice/Y-UD-GGUF")
+LINK = "https://huggingface.co/alice/Distill-8B-UD-GGUF"
 
 
 @pytest.fixture(scope="module")
@@ -23,99 +23,80 @@ def app() -> ModuleType:
     return load_app_module()
 
 
-class Scripted:
-    """A backend that answers one status (or raises it), and runs `on_release` when the page releases a job."""
-
-    name = "docker"
-
-    def __init__(self, look: JobStatus | UdquantError, on_release: Callable[[], None] = lambda: None,
-                 logs_fail: bool = False) -> None:
-        self.look = look
-        self.on_release = on_release
-        self.logs_fail = logs_fail
-        self.released: list[JobHandle] = []
-
-    def status(self, handle: JobHandle) -> JobStatus:
-        if isinstance(self.look, UdquantError):
-            raise self.look
-        return self.look
-
-    def logs(self, handle: JobHandle, tail: int = 50) -> list[str]:
-        if self.logs_fail:
-            raise DispatchError("docker", "logs failed: connection reset")
-        return ["INFO upload: done", "https://hub.example/alice/X-UD-GGUF"]
-
-    def result_link(self, handle: JobHandle) -> str | None:
-        return "https://hub.example/alice/X-UD-GGUF"
-
-    def release(self, handle: JobHandle) -> None:
-        self.released.append(handle)
-        self.on_release()
+@pytest.fixture
+def session(app: ModuleType, engine: FakeDockerEngine, jobs: HubJobs, job_request: DispatchRequest) -> Any:
+    engine.state.images.add(job_request.image)
+    return app.SpaceSession(app.SpaceConfig(docker=True))
 
 
-def session_with(app: ModuleType, backend: Scripted) -> Any:
-    class Session(app.SpaceSession):  # type: ignore[name-defined,misc]
-        def user(self, token: str) -> str:
-            return "alice"
-
-        def backend(self, *args: Any, **kwargs: Any) -> Scripted:
-            return backend
-
-    session = Session(app.SpaceConfig())
-    session.registry.adopt("alice", ENDED)
-    return session
+@pytest.fixture
+def start(app: ModuleType, session: Any, job_request: DispatchRequest) -> Callable[[], JobHandle]:
+    """Start a Docker job for alice as the Space does: her slot is free once her last job has ended."""
+    def started() -> JobHandle:
+        backend = session.backend(app.TARGET_DOCKER, HF_TOKEN, user="alice")
+        handle: JobHandle = session.registry.submit("alice", lambda h: not backend.status(h).terminal,
+                                                    lambda: backend.start(job_request))
+        return handle
+    return started
 
 
-def test_an_ended_job_shows_its_link_is_released_and_frees_the_slot(app: ModuleType) -> None:
-    backend = Scripted(JobStatus("completed"))
-    session = session_with(app, backend)
-    polled = session.poll(ENDED, TOKEN, "")
-    assert "**completed**" in polled.status and polled.logs.endswith("alice/X-UD-GGUF")
-    assert polled.link == "**Output repo:** [https://hub.example/alice/X-UD-GGUF](https://hub.example/alice/X-UD-GGUF)"
-    assert backend.released == [ENDED]
+def test_an_ended_job_shows_its_link_is_released_and_frees_the_slot(
+        session: Any, start: Callable[[], JobHandle], engine: FakeDockerEngine) -> None:
+    ended = start()
+    engine.finish(ended.job_id, 0, stdout=["INFO upload: done", LINK])
+    polled = session.poll(ended, HF_TOKEN, "")
+    assert "**completed**" in polled.status and polled.logs.endswith(LINK)
+    assert polled.link == f"**Output repo:** [{LINK}]({LINK})"
+    assert ended.job_id not in engine.state.containers  # released: the engine kept the token with it
     assert (polled.follow, polled.polling) == (None, False)
     assert session.registry.active("alice") is None
 
 
-def test_a_job_started_while_the_last_look_ran_is_followed_next(app: ModuleType) -> None:
+def test_a_job_started_while_the_last_look_ran_is_followed_next(
+        session: Any, start: Callable[[], JobHandle], engine: FakeDockerEngine) -> None:
     """The user's next start can answer before the tick that saw the last job end: that tick must not drop it."""
-    backend = Scripted(JobStatus("completed"))
-    session = session_with(app, backend)
-    backend.on_release = lambda: session.registry.submit("alice", lambda h: False, lambda: NEXT)
-    polled = session.poll(ENDED, TOKEN, "")
-    assert "**completed**" in polled.status  # the ended job's end is still shown once
-    assert (polled.follow, polled.polling) == (NEXT, True)
-    assert session.registry.active("alice") == NEXT
+    ended = start()
+    engine.finish(ended.job_id, 0, stdout=[LINK])
+    following = start()  # the start saw the job ended, before the tick that saw it finished
+    polled = session.poll(ended, HF_TOKEN, "")
+    assert "**completed**" in polled.status and LINK in polled.link  # the ended job's end is still shown once
+    assert (polled.follow, polled.polling) == (following, True)
+    assert session.registry.active("alice") == following
 
 
-def test_a_job_gone_elsewhere_frees_the_slot_and_a_newer_one_is_followed(app: ModuleType) -> None:
-    gone = DispatchError("docker", "containers.get: No such container: c1", status_code=404)
-    session = session_with(app, Scripted(gone))
-    polled = session.poll(ENDED, TOKEN, "")
+def test_a_job_gone_elsewhere_frees_the_slot_and_a_newer_one_is_followed(
+        session: Any, start: Callable[[], JobHandle], engine: FakeDockerEngine) -> None:
+    gone = start()
+    del engine.state.containers[gone.job_id]  # `docker rm -f` by someone else
+    polled = session.poll(gone, HF_TOKEN, "")
     assert "it ended and was removed" in polled.status and (polled.logs, polled.link) == (None, None)
     assert (polled.follow, polled.polling) == (None, False)
-    session.registry.adopt("alice", NEXT)
-    assert session.poll(ENDED, TOKEN, "").follow == NEXT
+    following = start()
+    assert session.poll(gone, HF_TOKEN, "").follow == following
 
 
-def test_a_refused_token_keeps_the_job_but_stops_looking(app: ModuleType) -> None:
-    refused = DispatchError("docker", "inspect failed: 403 Forbidden", status_code=403)
-    polled = session_with(app, Scripted(refused)).poll(ENDED, TOKEN, "")
-    assert "Polling stopped" in polled.status
-    assert (polled.follow, polled.polling) == (ENDED, False)
+def test_a_refused_token_keeps_the_job_but_stops_looking(session: Any) -> None:
+    handle = JobHandle("hf-jobs", "job-1", "alice", "alice/Distill-8B-UD-GGUF")
+    polled = session.poll(handle, "hf_revoked-token", "")
+    assert "Polling stopped" in polled.status and "hf_revoked-token" not in polled.status
+    assert (polled.follow, polled.polling) == (handle, False)
 
 
-def test_a_passing_failure_or_an_unreadable_log_keeps_looking(app: ModuleType) -> None:
-    passing = DispatchError("docker", "inspect failed: 502 Bad Gateway", status_code=502)
-    polled = session_with(app, Scripted(passing)).poll(ENDED, TOKEN, "")
-    assert "502 Bad Gateway" in polled.status and (polled.follow, polled.polling) == (ENDED, True)
-    polled = session_with(app, Scripted(JobStatus("running"), logs_fail=True)).poll(ENDED, TOKEN, "")
+def test_an_unreachable_engine_or_an_unreadable_log_keeps_looking(
+        session: Any, start: Callable[[], JobHandle], engine: FakeDockerEngine,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    engine.state.log_driver = "none"  # the engine keeps no log of the job: it answers 501
+    running = start()
+    polled = session.poll(running, HF_TOKEN, "")
     assert "**running**" in polled.status and "log not readable now" in polled.status
     assert polled.logs is None  # the lines shown before stay
-    assert (polled.follow, polled.polling, polled.link) == (ENDED, True, "")
+    assert (polled.follow, polled.polling, polled.link) == (running, True, "")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/gone.sock")
+    polled = session.poll(running, HF_TOKEN, "")
+    assert "no Docker engine answers" in polled.status and (polled.follow, polled.polling) == (running, True)
 
 
-def test_nothing_to_look_at_without_a_job_or_a_sign_in(app: ModuleType) -> None:
-    session = session_with(app, Scripted(JobStatus("running")))
-    assert session.poll(None, TOKEN, "") == app.Polled(follow=None, polling=False)
-    assert session.poll(ENDED, None, "") == app.Polled(follow=ENDED, polling=False)
+def test_nothing_to_look_at_without_a_job_or_a_sign_in(app: ModuleType, session: Any) -> None:
+    handle = JobHandle("docker", "c1", "host", None)
+    assert session.poll(None, HF_TOKEN, "") == app.Polled(follow=None, polling=False)
+    assert session.poll(handle, None, "") == app.Polled(follow=handle, polling=False)
