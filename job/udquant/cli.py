@@ -134,7 +134,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-repo", help="Hub repo for the results (default: <you>/<Name>-UD-GGUF)")
     parser.add_argument("--private", action="store_true", help="create the output repo private")
     parser.add_argument("--split-size-gb", type=SPLIT_GIGABYTES, default=45.0,
-                        help="split GGUF files larger than this before upload (default: 45, under the Hub's 50)")
+                        help="split GGUF files larger than this before upload (default: 45; at most the Hub's 50)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -341,8 +341,10 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     add_eval_arguments(evaluate)
     evaluate.add_argument("--work-dir", type=Path, default=default_work_dir(),
                           help="base logits and results, reused on rerun (default: ./udquant-out/.work)")
-    evaluate.add_argument("--json", type=Path, help="also write the numbers as JSON here")
-    evaluate.add_argument("--plot", type=Path, help="also plot KLD against bits per weight (PNG) here")
+    evaluate.add_argument("--json", type=Path,
+                          help="also write the numbers as JSON here (replaces only an earlier one, or an empty file)")
+    evaluate.add_argument("--plot", type=Path, help="also plot KLD against bits per weight (PNG) here (replaces "
+                                                    "only a plot udquant or matplotlib drew)")
     evaluate.add_argument("-v", "--verbose", action="store_true")
     evaluate.set_defaults(func=_eval)
 
@@ -442,7 +444,9 @@ def _add_recipe_commands(commands: argparse._SubParsersAction) -> None:  # type:
     extract.add_argument("--revision", help="Hub revision of the template repo")
     extract.add_argument("--id", help="recipe id (default: <arch>/<level>)")
     extract.add_argument("--level", help="level name (default: from the file name)")
-    extract.add_argument("-o", "--output", type=Path, help="write the recipe here instead of stdout")
+    extract.add_argument("-o", "--output", type=Path,
+                         help="write the recipe here instead of stdout (replaces only a recipe extracted "
+                              "from a template)")
     extract.set_defaults(func=_recipe_extract)
     show = verbs.add_parser("show", help="print a recipe; with --model, the types it gives that model")
     show.add_argument("recipe", help="library id (e.g. generic/UD-Q5_K_XL) or path")
