@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,10 +254,13 @@ def _run(action: str, func: object, args: argparse.Namespace) -> int:
         what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
         logger.error("%s; rerun the same command to continue where it stopped", what)
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
-    except Exception:
+    except Exception as err:
         if os.environ.get("UDQUANT_DEBUG"):
             raise
-        logger.exception("internal error: a bug in udquant; please report it with the traceback below")
+        # The traceback quotes the exception, which may quote a request or an answer: redacted like error lines.
+        trace = "".join(traceback.format_exception(err)).rstrip()
+        logger.error("internal error: a bug in udquant; please report it with the traceback below\n%s",
+                     redact(trace, _known_secrets()))
         return EXIT_INTERNAL
 
 

@@ -33,6 +33,7 @@ class Imatrix:
     # tensor name -> values the entry holds: ne0 times the expert count of an expert tensor
     # (a legacy .dat stores only this total, so there it is also the width)
     values: dict[str, int]
+    nextn_layers: int = 0  # MTP/NextN layers it holds entries for (imatrix.n_layer_nextn, llama-imatrix --nextn)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def _read_gguf_imatrix(path: Path, header: GGUFHeader) -> Imatrix:
     if isinstance(datasets, SkippedArray):
         datasets = []
     return Imatrix(path, "gguf", widths, tuple(str(d) for d in datasets),
-                   header.metadata.get("imatrix.chunk_count"), header.metadata.get("imatrix.chunk_size"), values)
+                   header.metadata.get("imatrix.chunk_count"), header.metadata.get("imatrix.chunk_size"), values,
+                   int(header.metadata.get("imatrix.n_layer_nextn") or 0))
 
 
 def _read_dat_imatrix(path: Path) -> Imatrix:
@@ -171,11 +173,19 @@ def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
         raise ImatrixMismatchError(
             f"{imatrix.path.name} was made for another model: none of its {len(unknown)} entries "
             "names a tensor of this model", sorted(unknown))
+    absent_mtp = _entries_of_absent_mtp_layers(imatrix, unknown, model)
+    if absent_mtp:
+        logger.warning("%s holds %d entries for the MTP layer(s) it was made with (llama-imatrix --nextn), which "
+                       "this conversion lacks (--no-mtp): llama-quantize ignores them", imatrix.path.name,
+                       len(absent_mtp))
+    unknown = [name for name in unknown if name not in absent_mtp]
     if unknown:
         raise ImatrixMismatchError(f"{imatrix.path.name} has entries for tensors this model lacks",
                                    sorted(unknown))
     wrong = []
     for name, count in imatrix.values.items():
+        if name in absent_mtp:
+            continue
         shape = shapes[name]
         experts = shape[2] if len(shape) > 2 else 1
         if count == shape[0] * experts or name == "token_embd.weight":  # llama-quantize skips token_embd's
@@ -193,6 +203,20 @@ def check_imatrix_fits(imatrix: Imatrix, model: GGUFHeader) -> None:
         raise ImatrixMismatchError(
             f"{imatrix.path.name} has no entries for {len(uncovered)} of this model's layers (made for a model "
             "with fewer layers?); llama-quantize would quantize them without importance data", uncovered)
+
+
+def _entries_of_absent_mtp_layers(imatrix: Imatrix, unknown: list[str], model: GGUFHeader) -> set[str]:
+    """The entries, of those naming no tensor of the model, that belong to MTP layers the imatrix declares
+    (its last imatrix.n_layer_nextn blocks) and that lie past the model's last block: the imatrix was made
+    with --nextn on a conversion that kept them, and this one was converted without them. llama-quantize
+    looks entries up by tensor name, so it never reads these. Any other unknown entry is another model's."""
+    blocks = {int(match.group(1)) for name in imatrix.widths if (match := _BLOCK.match(name))}
+    if not imatrix.nextn_layers or not blocks:
+        return set()
+    mtp_blocks = range(max(blocks) + 1 - imatrix.nextn_layers, max(blocks) + 1)
+    past_model = 1 + max((int(match.group(1)) for t in model.tensors if (match := _BLOCK.match(t.name))), default=-1)
+    return {name for name in unknown if (match := _BLOCK.match(name))
+            and int(match.group(1)) in mtp_blocks and int(match.group(1)) >= past_model}
 
 
 def uncovered_layers(imatrix: Imatrix, model: GGUFHeader) -> list[str]:

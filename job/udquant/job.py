@@ -42,7 +42,7 @@ from udquant.recipe import (
 from udquant.resolve import ModelInfo, check_mtp_option, resolve_model
 from udquant.toolchain import Toolchain, find_toolchain
 from udquant.verify import Verification, verify_quantized
-from udquant.workdir import StageDir, check_work_dir, find_stage, hold_model_lock, open_stage
+from udquant.workdir import StageDir, check_work_dir, find_stage, hold_model_lock, model_log_path, open_stage
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +287,14 @@ def _make_quants(options: JobOptions, model: ModelInfo, recipes: list[Recipe], t
                        "converting with --no-mtp" if no_mtp else "--mtp was given, so the converter will look for them")
     out_dir = options.out_dir or Path("udquant-out") / model.name
     vision = model.vision_weights
-    check_out_dir(out_dir, model, file_names=output_file_names(
-        model, [recipe.level for recipe in recipes], mmproj=bool(vision) and options.mmproj, plot=options.evaluate),
-        split_names=[gguf_file_name(model, recipe.level) for recipe in recipes] if target else ())
+
+    def check_out() -> None:
+        check_out_dir(out_dir, model, file_names=output_file_names(
+            model, [recipe.level for recipe in recipes], mmproj=bool(vision) and options.mmproj,
+            plot=options.evaluate), split_names=[gguf_file_name(model, recipe.level) for recipe in recipes]
+            if target else ())
+
+    check_out()
     if vision and not options.mmproj:
         logger.warning("%s has a vision tower (%d tensors): --no-mmproj, so only the text model is published",
                        model.name, len(vision))
@@ -349,7 +354,8 @@ def _make_quants(options: JobOptions, model: ModelInfo, recipes: list[Recipe], t
         smallest = min(levels, key=lambda lv: lv.source.stat().st_size)
         with timings.stage("mmproj-check"):
             check_mmproj_pair(toolchain, smallest.source, mmproj, image=data_file("vision-check.png"),
-                              log_path=options.work_dir / "mmproj-check.log", threads=options.threads)
+                              log_path=model_log_path(options.work_dir, model.name, "mmproj-check"),
+                              threads=options.threads)
         logger.info("mmproj: %s loads with %s and reads an image", mmproj_file_name(model), smallest.level)
 
     evals: list[QuantEval] = []
@@ -360,9 +366,12 @@ def _make_quants(options: JobOptions, model: ModelInfo, recipes: list[Recipe], t
                                     disk_reserve=options.disk_reserve)
     def split(gguf: Path) -> list[Path]:  # the card must name the files the repo will hold
         return split_for_upload(toolchain, gguf, gguf.parent / SPLIT_NAME, options.split_bytes,
-                                log_path=options.work_dir / "publish.log")
+                                log_path=model_log_path(options.work_dir, model.name, "publish"))
 
     with timings.stage("output"):
+        # Again: another model's job given the same --out-dir may have written there since (its stages
+        # stay in the work dir, so a rerun with another --out-dir redoes none of them).
+        check_out()
         kept = kept_levels(target.previous, target.remote_files, {lv.level for lv in levels}) if target else []
         earlier_mmproj = kept_mmproj(target.previous, target.remote_files) if target and mmproj is None else None
         outputs = write_outputs(out_dir, model, levels, imatrix, toolchain, timings.stages, no_mtp=no_mtp,

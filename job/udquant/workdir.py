@@ -3,7 +3,8 @@
 A stage writes into work/<stage>-<key>/ under temporary names and renames when complete;
 then done.json records the output's name and size. A stage counts as done only when
 done.json and an output of that size are both there. Jobs for models of one name take turns in a
-work dir: each holds its model's lock file in work/locks/ while it runs.
+work dir: each holds its model's lock file in work/locks/ while it runs, and writes the logs of
+steps not keyed by their inputs in work/logs/<name>-<step>.log.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 DONE = "done.json"
 LOCKS = "locks"
+LOGS = "logs"
 LOCK_NAME_CHARS = 100  # a local folder's name may be far longer than a file name may be
 
 
@@ -157,10 +159,20 @@ def open_stage(work_root: Path, stage: str, inputs: dict[str, Any]) -> StageDir:
     return StageDir(path, stage, key)
 
 
+def _safe_name(model_name: str) -> str:
+    """model_name made a file name on any file system."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:LOCK_NAME_CHARS] or "_"
+
+
 def model_lock_path(work_root: Path, model_name: str) -> Path:
-    """The lock file of the jobs for models named model_name, the name made safe for any file system."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:LOCK_NAME_CHARS]
-    return work_root / LOCKS / f"{safe or '_'}.lock"
+    """The lock file of the jobs for models named model_name."""
+    return work_root / LOCKS / f"{_safe_name(model_name)}.lock"
+
+
+def model_log_path(work_root: Path, model_name: str, what: str) -> Path:
+    """The log of a step not keyed by its inputs (a check, the upload's split) for models named model_name:
+    jobs for one name take turns (hold_model_lock), so no two running jobs write one log."""
+    return work_root / LOGS / f"{_safe_name(model_name)}-{what}.log"
 
 
 @contextmanager

@@ -220,6 +220,50 @@ def test_a_rerun_needs_no_room_for_what_is_already_converted(llama_run, llama):
     assert f", {bf16.stat().st_size} of them already here" in proc.stderr
 
 
+# The real converter, run once "another model's job" given the same --out-dir has finished there.
+CONVERTER_AFTER_ANOTHER_JOB = """import json, os, shutil, sys
+from pathlib import Path
+shared = Path({shared!r})
+shared.mkdir(exist_ok=True)
+result = json.loads(Path({result!r}).read_text())
+result["inputs"]["source"] = "someone/Other-8B"
+(shared / "udquant-result.json").write_text(json.dumps(result))
+shutil.copy({card!r}, shared / "README.md")
+os.execv(sys.executable, [sys.executable, {real!r}, *sys.argv[1:]])
+"""
+
+
+def test_another_models_results_written_meanwhile_stop_the_job_before_it_writes(llama_run, llama, toolchain,
+                                                                              tmp_path):
+    """Two models' jobs given one --out-dir at once: the later to finish stops before replacing the other's
+    card and result, and a rerun with its own --out-dir redoes none of its stages."""
+    root, _ = llama_run
+    shared = tmp_path / "shared"
+    wrapped = tmp_path / "toolchain"
+    (wrapped / "src").mkdir(parents=True)
+    (wrapped / "bin").symlink_to(toolchain.tool("llama-quantize").parent)
+    shutil.copy(toolchain.root / "toolchain.json", wrapped)
+    for entry in toolchain.converter.parent.iterdir():
+        if entry != toolchain.converter:
+            (wrapped / "src" / entry.name).symlink_to(entry)
+    (wrapped / "src" / toolchain.converter.name).write_text(CONVERTER_AFTER_ANOTHER_JOB.format(
+        shared=str(shared), result=str(root / "out" / "udquant-result.json"), card=str(root / "out" / "README.md"),
+        real=str(toolchain.converter)))
+    env = {"UDQUANT_LLAMA_CPP": str(wrapped)}
+    args = [llama, "--work-dir", tmp_path / "work", "--imatrix", "none"]
+
+    proc = run_cli(*args, "--out-dir", shared, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{shared} holds udquant's results for someone/Other-8B, not for" in proc.stderr
+    assert sorted(p.name for p in shared.iterdir()) == ["README.md", "udquant-result.json"]
+    assert json.loads((shared / "udquant-result.json").read_text())["inputs"]["source"] == "someone/Other-8B"
+
+    proc = run_cli(*args, "--out-dir", tmp_path / "own", "-v", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    timings = json.loads((tmp_path / "own" / "udquant-result.json").read_text())["timings"]
+    assert timings["convert"]["cached"] and timings["quantize UD-Q5_K_XL"]["cached"]
+
+
 @pytest.mark.parametrize(("recipe", "level"), [("llama/UD-Q5_K_XL", "UD-Q4_K_XL"),
                                                ("llama/UD-Q4_K_XL", "UD-Q5_K_XL")])  # the default level too
 def test_a_recipe_and_a_quant_level_that_disagree_are_refused(llama, tmp_path, recipe, level):

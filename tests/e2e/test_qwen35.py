@@ -126,7 +126,7 @@ def test_a_vision_tower_becomes_an_mmproj_file_next_to_the_quants(qwen35_vision,
     assert f"| vision | `{mmproj.name}` |" in card and "Text only" not in card
     # Before it was published, llama-mtmd-cli loaded the pair and ran an image through both.
     assert "mmproj-check" in result["timings"]
-    assert "mtmd batch encoding done" in (tmp_path / "work" / "mmproj-check.log").read_text()
+    assert "mtmd batch encoding done" in (tmp_path / "work" / "logs" / "tiny-qwen35-vl-mmproj-check.log").read_text()
 
     proc = run_cli(*args, "--out-dir", tmp_path / "text-only", "--no-mmproj", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -22,13 +22,16 @@ def write_dat(path: Path, entries: dict[str, int], chunks: int = 10, dataset: st
     path.write_bytes(out)
 
 
-def write_gguf_imatrix(path: Path, entries: dict[str, int], *, matrices: int = 1, chunk_size: bool = True) -> None:
+def write_gguf_imatrix(path: Path, entries: dict[str, int], *, matrices: int = 1, chunk_size: bool = True,
+                       nextn_layers: int = 0) -> None:
     writer = GGUFWriter(str(path), arch="")
     writer.add_type("imatrix")
     writer.add_array("imatrix.datasets", ["calibration-v1.txt"])
     writer.add_uint32("imatrix.chunk_count", 12)
     if chunk_size:
         writer.add_uint32("imatrix.chunk_size", 512)
+    if nextn_layers:  # as llama-imatrix --nextn writes it
+        writer.add_uint32("imatrix.n_layer_nextn", nextn_layers)
     for name, width in entries.items():
         writer.add_tensor(f"{name}.in_sum2", np.ones((matrices, width), dtype=np.float32))
         writer.add_tensor(f"{name}.counts", np.ones((matrices, 1), dtype=np.float32))
@@ -154,3 +157,25 @@ def test_layers_without_entries_by_design_are_not_missing(tmp_path):
     with pytest.raises(ImatrixMismatchError) as err:
         check_imatrix_fits(read_imatrix(path), model)
     assert [line.split(":")[0] for line in err.value.tensors] == ["blk.3"]
+
+
+def test_entries_of_mtp_layers_the_conversion_dropped_are_ignored_and_said(tmp_path, caplog):
+    """An imatrix made with --nextn on a conversion that kept the MTP layer, used on one made with --no-mtp:
+    llama-quantize looks entries up by name and never reads those. Entries past the model in layers that are
+    not the imatrix's MTP layers still mark another model."""
+    model = header_of(qwen35_layout(n_layers=4, hidden=64, ffn=128, vocab=256))
+    main = {f"blk.{i}.ffn_down.weight": 128 for i in range(4)}
+    mtp = {"blk.4.nextn.eh_proj.weight": 128, "blk.4.ffn_down.weight": 128}
+    path = tmp_path / "m.gguf"
+    write_gguf_imatrix(path, main | mtp, nextn_layers=1)
+    check_imatrix_fits(read_imatrix(path), model)
+    assert "m.gguf holds 2 entries for the MTP layer(s) it was made with" in caplog.text
+
+    write_gguf_imatrix(path, main | mtp)  # no imatrix.n_layer_nextn: a model one layer deeper
+    with pytest.raises(ImatrixMismatchError, match="tensors this model lacks"):
+        check_imatrix_fits(read_imatrix(path), model)
+    deeper = main | {"blk.4.ffn_down.weight": 128, "blk.5.nextn.eh_proj.weight": 128}
+    write_gguf_imatrix(path, deeper, nextn_layers=1)  # its MTP layer is blk.5: blk.4 is a layer this model lacks
+    with pytest.raises(ImatrixMismatchError) as err:
+        check_imatrix_fits(read_imatrix(path), model)
+    assert err.value.tensors == ["blk.4.ffn_down.weight"]

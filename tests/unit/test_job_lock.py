@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_job import fake_toolchain, tiny_llama_folder
-from udquant.workdir import LOCKS, hold_model_lock, model_lock_path
+from udquant.workdir import LOCKS, LOGS, hold_model_lock, model_lock_path, model_log_path
 
 # Another job holding the lock: it holds it until its stdin is closed.
 HOLDER = """import sys
@@ -119,10 +119,14 @@ def test_jobs_in_separate_pid_namespaces_take_turns(tmp_path, caplog):
     assert waited == [True]
 
 
-def test_lock_files_have_safe_names(tmp_path):
+def test_lock_and_log_files_have_safe_names(tmp_path):
     assert model_lock_path(tmp_path, "Distill-8B_v1.5") == tmp_path / LOCKS / "Distill-8B_v1.5.lock"
     assert model_lock_path(tmp_path, "my model: ä/b") == tmp_path / LOCKS / "my_model____b.lock"
     assert len(model_lock_path(tmp_path, "x" * 300).name) < 255
+    # Jobs for other models run at once: each writes its own log of a step that is not cached.
+    assert model_log_path(tmp_path, "A-8B", "publish") == tmp_path / LOGS / "A-8B-publish.log"
+    assert model_log_path(tmp_path, "B-8B", "publish") != model_log_path(tmp_path, "A-8B", "publish")
+    assert len(model_log_path(tmp_path, "x" * 300, "mmproj-check").name) < 255
     with hold_model_lock(tmp_path / "work", "..", "../.."):
         assert [p.name for p in (tmp_path / "work" / LOCKS).iterdir()] == ["...lock"]
 

@@ -540,3 +540,18 @@ def test_an_error_that_echoes_a_token_is_shown_without_it(monkeypatch, caplog, t
     assert _run("job", echo, argparse.Namespace()) == HubError.exit_code
     assert "bad token *** for ***, not ***" in caplog.text
     assert not any(secret in caplog.text for secret in ("s3cr3t", "ghp_another", "hf_stored"))
+
+
+def test_an_internal_error_is_reported_with_its_traceback_and_without_a_token(monkeypatch, caplog):
+    from udquant.cli import EXIT_INTERNAL, _run
+
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cr3t")
+    monkeypatch.delenv("UDQUANT_DEBUG", raising=False)
+
+    def broken(args: argparse.Namespace) -> int:
+        raise KeyError("Authorization: Bearer hf_s3cr3t")
+
+    assert _run("job", broken, argparse.Namespace()) == EXIT_INTERNAL
+    assert "internal error: a bug in udquant" in caplog.text
+    assert "in broken" in caplog.text and "KeyError: 'Authorization: Bearer ***'" in caplog.text
+    assert "s3cr3t" not in caplog.text
