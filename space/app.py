@@ -12,10 +12,11 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from huggingface_hub import HfApi
@@ -42,6 +43,9 @@ from udquant.errors import UdquantError
 from udquant.hub import NO_ANSWER
 from udquant.recipe import DEFAULT_LEVEL
 from udquant.resolve import validate_repo_id
+
+if TYPE_CHECKING:
+    import docker
 
 logger = logging.getLogger("udquant.space")
 
@@ -187,6 +191,17 @@ class SpaceSession:
         self.config = config
         self.registry = JobRegistry()
         self._names: dict[str, str] = {}
+        self._docker: docker.DockerClient | None = None
+        self._docker_lock = threading.Lock()
+
+    def docker_client(self) -> docker.DockerClient:
+        """The engine client every Docker call shares: a new one would first ask the engine its API version."""
+        with self._docker_lock:
+            if self._docker is None:
+                from udquant.dispatch.docker_engine import connect
+
+                self._docker = connect()
+            return self._docker
 
     def token(self, oauth_token: gr.OAuthToken | None) -> str | None:
         if self.config.test_token:
@@ -221,7 +236,7 @@ class SpaceSession:
             from udquant.dispatch.docker_backend import DockerBackend
 
             try:
-                docker_backend = DockerBackend(token, user=user)
+                docker_backend = DockerBackend(token, client=self.docker_client(), user=user)
                 docker_backend.remove_ended(user)
                 found = docker_backend.running_jobs(user)
             except DispatchError as err:
@@ -302,7 +317,7 @@ class SpaceSession:
                 raise UdquantError("local Docker is not offered here: no Docker engine answered")
             from udquant.dispatch.docker_backend import DockerBackend
 
-            return DockerBackend(token, user=user)
+            return DockerBackend(token, client=self.docker_client(), user=user)
         return HfJobsBackend(token, flavor=flavor or "a10g-large")
 
 

@@ -22,9 +22,10 @@ Every request is recorded with its body; tests finish containers with `finish()`
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
+import shutil
 import socket
 import socketserver
 import struct
@@ -276,6 +277,24 @@ def _label_matches(labels: dict[str, str], wanted: str) -> bool:
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_connections: set[socket.socket] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End the kept-alive connections too, as a stopped engine does."""
+        for connection in list(self.open_connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
 
 class FakeDockerEngine:
     """`with FakeDockerEngine() as engine:` serves on engine.socket_path; engine.docker_host for DOCKER_HOST."""
@@ -297,11 +316,12 @@ class FakeDockerEngine:
         return self
 
     def stop(self) -> None:
+        """Stop serving and remove the socket (a test may stop the engine before its fixture does)."""
         self._server.shutdown()
         self._server.server_close()
-        if self.socket_path.exists():
-            os.unlink(self.socket_path)
-        os.rmdir(self._dir)
+        self._server.close_connections()
+        self.socket_path.unlink(missing_ok=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> FakeDockerEngine:
         return self.start()

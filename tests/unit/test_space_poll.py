@@ -83,17 +83,25 @@ def test_a_refused_token_keeps_the_job_but_stops_looking(session: Any) -> None:
 
 
 def test_an_unreachable_engine_or_an_unreadable_log_keeps_looking(
-        session: Any, start: Callable[[], JobHandle], engine: FakeDockerEngine,
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+        session: Any, start: Callable[[], JobHandle], engine: FakeDockerEngine) -> None:
     engine.state.log_driver = "none"  # the engine keeps no log of the job: it answers 501
     running = start()
     polled = session.poll(running, HF_TOKEN, "")
     assert "**running**" in polled.status and "log not readable now" in polled.status
     assert polled.logs is None  # the lines shown before stay
     assert (polled.follow, polled.polling, polled.link) == (running, True, "")
-    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/gone.sock")
+    engine.stop()  # the engine the Space's client talks to goes away (a restart of dockerd)
     polled = session.poll(running, HF_TOKEN, "")
     assert "no Docker engine answers" in polled.status and (polled.follow, polled.polling) == (running, True)
+
+
+def test_every_look_shares_one_engine_client(session: Any, start: Callable[[], JobHandle],
+                                             engine: FakeDockerEngine) -> None:
+    """A new client first asks the engine its API version: once per Space, not once per look every 3 s."""
+    running = start()
+    for _ in range(3):
+        assert "**running**" in session.poll(running, HF_TOKEN, "").status
+    assert [path for _, path, _ in engine.state.requests].count("/version") == 1
 
 
 def test_nothing_to_look_at_without_a_job_or_a_sign_in(app: ModuleType, session: Any) -> None:

@@ -102,6 +102,8 @@ class DockerBackend:
             message = redact(str(err.explanation or err), [self._token])
             raise DispatchError(NAME, f"{action} failed: {message}", status_code=err.status_code,
                                 hint=engine_hint(message)) from None
+        except requests.exceptions.ConnectionError as err:  # the engine stopped since the client was made
+            raise unreachable_error(err) from None
         # urllib3's own: a stream (a pull) cut off midway is read from the raw response, past requests.
         except (docker.errors.DockerException, requests.exceptions.RequestException,
                 urllib3.exceptions.HTTPError) as err:
