@@ -42,8 +42,10 @@ bench: venv toolchain
 space: venv
 	$(PY) space/app.py
 
-gpu-smoke: venv
-	scripts/gpu-smoke.sh --source-archive $(LLAMA_CPP_ARCHIVE)
+# On the GPU machine, offline: the venv is made beforehand (a copied checkout may look stale to make),
+# and the source archive comes from UDQUANT_LLAMA_CPP_ARCHIVE (see scripts/gpu-smoke.sh --help).
+gpu-smoke:
+	scripts/gpu-smoke.sh --venv $(VENV)
 
 clean:
 	rm -rf udquant-out .pytest_cache .mypy_cache .ruff_cache

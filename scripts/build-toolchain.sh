@@ -22,16 +22,17 @@ prefix=""
 jobs=$(nproc)
 
 die() { echo "build-toolchain: $*" >&2; exit 2; }
+value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --from) from="$2"; shift 2 ;;
-    --source-archive) source_archive="$2"; shift 2 ;;
+    --from) value "$@"; from="$2"; shift 2 ;;
+    --source-archive) value "$@"; source_archive="$2"; shift 2 ;;
     --cuda) cuda=1; shift ;;
-    --cuda-arch) cuda_arch="$2"; shift 2 ;;
-    --cache-dir) cache_dir="$2"; shift 2 ;;
-    --prefix) prefix="$2"; shift 2 ;;
-    --jobs) jobs="$2"; shift 2 ;;
+    --cuda-arch) value "$@"; cuda_arch="$2"; shift 2 ;;
+    --cache-dir) value "$@"; cache_dir="$2"; shift 2 ;;
+    --prefix) value "$@"; prefix="$2"; shift 2 ;;
+    --jobs) value "$@"; jobs="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option: $1" ;;
   esac

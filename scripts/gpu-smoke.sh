@@ -58,18 +58,19 @@ cpu=0
 prebuilt=""
 
 die() { echo "gpu-smoke: $*" >&2; exit 2; }
+value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 note() { echo "gpu-smoke: $*" >&2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --source-archive) source_archive="$2"; shift 2 ;;
-    --toolchain) prebuilt="$2"; shift 2 ;;
-    --from) from="$2"; shift 2 ;;
-    --venv) venv="$2"; shift 2 ;;
-    --cuda-arch) cuda_arch="$2"; shift 2 ;;
-    --cache-dir) cache_dir="$2"; shift 2 ;;
-    --out-dir) out_dir="$2"; shift 2 ;;
-    --jobs) jobs="$2"; shift 2 ;;
+    --source-archive) value "$@"; source_archive="$2"; shift 2 ;;
+    --toolchain) value "$@"; prebuilt="$2"; shift 2 ;;
+    --from) value "$@"; from="$2"; shift 2 ;;
+    --venv) value "$@"; venv="$2"; shift 2 ;;
+    --cuda-arch) value "$@"; cuda_arch="$2"; shift 2 ;;
+    --cache-dir) value "$@"; cache_dir="$2"; shift 2 ;;
+    --out-dir) value "$@"; out_dir="$2"; shift 2 ;;
+    --jobs) value "$@"; jobs="$2"; shift 2 ;;
     --cpu) cpu=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option: $1" ;;
