@@ -203,11 +203,14 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
              if line.strip() and not line.startswith("#")]
     assert rules[0] == "*", "the build context is an allowlist"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = set()
     for keyword, rest in dockerfile_instructions():
         if keyword == "COPY" and not rest.startswith("--from"):
             for source in rest.split()[:-1]:
                 assert source in allowed, f"COPY {source} is excluded by .dockerignore"
                 assert (ROOT / source).exists()
+                copied.add(source.rstrip("/"))
+    assert allowed == copied, f"let in but never copied: {sorted(allowed - copied)}"
 
 
 # --- the quantize workflow -----------------------------------------------------------------
@@ -536,6 +539,18 @@ def test_ci_caches_the_toolchain_by_its_pin():
     assert cache["with"]["path"] == ".cache/llama.cpp"
     assert "hashFiles('scripts/llama-cpp-pin.env', 'scripts/build-toolchain.sh')" in cache["with"]["key"]
     assert any(step.get("run") == "make test" for step in all_steps(workflow))
+
+
+# The python3 of each Ubuntu release the image may be built on.
+UBUNTU_PYTHON = {"ubuntu22.04": "3.10", "ubuntu24.04": "3.12"}
+
+
+def test_ci_runs_the_unit_tests_on_the_images_python():
+    bases = {rest.split()[0].rpartition("-")[2] for keyword, rest in dockerfile_instructions() if keyword == "FROM"}
+    (ubuntu,) = bases
+    versions = {step["with"]["python-version"] for step in all_steps(load_workflow(WORKFLOW_DIR / "ci.yml"))
+                if step.get("uses", "").startswith("actions/setup-python@")}
+    assert UBUNTU_PYTHON[ubuntu] in versions
 
 
 def test_dispatched_inputs_are_declared_and_mean_the_same_to_the_job(tmp_path):

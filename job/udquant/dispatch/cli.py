@@ -143,21 +143,24 @@ def _unfollowed_hint(handle: JobHandle) -> str:
     return "cancel it where it runs if it is stuck"
 
 
-def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
-    """Poll until the job ends; the link of the uploaded repo is the last stdout line.
+def _stopped_following(handle: JobHandle, interrupt: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM once the job has started stops following, not the job: say how to reach it, since
+    running the same command again would start a second one."""
+    from udquant.cli import EXIT_TERMINATED, Terminated  # the entry point, loaded already: no cycle
 
-    Ctrl-C stops following, not the job: it says how to reach the job, since running the same command
-    again would start a second one.
-    """
+    print(f"stopped following {handle.backend} job {handle.job_id}, which goes on running (the same command "
+          f"would start another job): " + (f"{handle.url}; " if handle.url else "") + _unfollowed_hint(handle),
+          file=sys.stderr)
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
+def follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
+    """Poll until the job ends; the link of the uploaded repo is the last stdout line. Ctrl-C stops
+    following, not the job."""
     try:
         return _follow(backend, handle, args)
     except KeyboardInterrupt as interrupt:
-        from udquant.cli import EXIT_TERMINATED, Terminated  # the entry point, loaded already: no cycle
-
-        print(f"stopped following {handle.backend} job {handle.job_id}, which goes on running (the same command "
-              f"would start another job): " + (f"{handle.url}; " if handle.url else "") + _unfollowed_hint(handle),
-              file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+        return _stopped_following(handle, interrupt)
 
 
 def _follow(backend: Backend, handle: JobHandle, args: argparse.Namespace) -> int:
@@ -211,16 +214,19 @@ def dispatch_command(args: argparse.Namespace) -> int:
         check_upload_target(request, _env_token("HF_TOKEN", args.backend))
     backend = make_backend(args)
     handle = backend.start(request)
-    print(f"started {handle.backend} job {handle.job_id}" + (f": {handle.url}" if handle.url else ""),
-          file=sys.stderr)
-    if args.wait:
-        return follow(backend, handle, args)
-    if handle.backend == "docker":  # started with auto-remove: nobody releases it
-        print(f"follow it with `docker logs -f {handle.job_id[:12]}`; the container removes itself when the job "
-              "ends (the engine stores HF_TOKEN with it), and each stage's log stays in the udquant-data volume",
+    try:  # from here on the job runs whatever happens to this command
+        print(f"started {handle.backend} job {handle.job_id}" + (f": {handle.url}" if handle.url else ""),
               file=sys.stderr)
-    print(handle.job_id)
-    return 0
+        if args.wait:
+            return follow(backend, handle, args)
+        if handle.backend == "docker":  # started with auto-remove: nobody releases it
+            print(f"follow it with `docker logs -f {handle.job_id[:12]}`; the container removes itself when the "
+                  "job ends (the engine stores HF_TOKEN with it), and each stage's log stays in the udquant-data "
+                  "volume", file=sys.stderr)
+        print(handle.job_id)
+        return 0
+    except KeyboardInterrupt as interrupt:
+        return _stopped_following(handle, interrupt)
 
 
 def add_dispatch_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
