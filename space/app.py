@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ TARGET_HF_JOBS = "HF Jobs"
 TARGET_GITHUB = "GitHub self-hosted runner"
 TARGET_DOCKER = "Local Docker"
 LOG_TAIL = 30
+KNOWN_SIGN_INS = 1000  # user names kept by token, so that a poll needs no whoami
 # Seconds between two looks at a followed job. HF Jobs: a log read of a running job waits about 5 s for
 # news. GitHub: each look costs a few requests of the token's 5,000 an hour, shared with its other uses.
 POLL_SECONDS = {"hf-jobs": 10.0, "github": 15.0, "docker": 3.0}
@@ -211,6 +213,8 @@ class SpaceSession:
     def user(self, token: str) -> str:
         """The Hub user name behind a token: the key of the one-job-per-user limit."""
         if token not in self._names:
+            if len(self._names) >= KNOWN_SIGN_INS:  # sign-ins expire: the oldest go first
+                del self._names[next(iter(self._names))]
             try:
                 self._names[token] = str(HfApi(token=token).whoami()["name"])
             except HfHubHTTPError as err:
@@ -256,17 +260,23 @@ class SpaceSession:
         if handle is None or token is None:
             return Polled(follow=handle, polling=False)
         try:
-            backend = backend_for_handle(self, handle, token, github_token)
-            status = backend.status(handle)
+            with opened(backend_for_handle(self, handle, token, github_token)) as backend:
+                return self._look(backend, handle, token)
         except DispatchError as err:
             if err.status_code == 404:  # removed or deleted elsewhere: nothing more to follow
                 return self._ended(handle, token, Polled(status=gone_message(handle, err)))
             if err.status_code in (401, 403):  # asking again every few seconds changes nothing
+                if handle.backend == "github":  # the user's own runner: the run must not hold their slot for good
+                    where = f": see [its run page]({handle.url})" if handle.url else ""
+                    return self._ended(handle, token, Polled(status=f"{problem(err)} Not followed any more{where}."))
                 return Polled(status=problem(err) + " Polling stopped: reload the page once the token is fixed.",
                               follow=handle, polling=False)
             return Polled(status=problem(err), follow=handle)
         except UdquantError as err:
             return Polled(status=problem(err), follow=handle)
+
+    def _look(self, backend: Backend, handle: JobHandle, token: str) -> Polled:
+        status = backend.status(handle)
         seen = describe_status(handle, status)
         lines = None
         try:
@@ -294,6 +304,18 @@ class SpaceSession:
             done = ""
         return self._ended(handle, token, Polled(status=seen, logs=lines, link=done))
 
+    def still_runs(self, handle: JobHandle, token: str, github_token: str) -> bool:
+        """Whether the user's previous job still runs, so that no second one starts. A GitHub run the page's token
+        cannot see (none entered since a reload, or refused) does not count: it runs on the user's own runner,
+        holds nothing of this Space's, and quantize.yml queues the runs of one model itself."""
+        try:
+            with opened(backend_for_handle(self, handle, token, github_token)) as backend:
+                return not backend.status(handle).terminal
+        except DispatchError as err:
+            if handle.backend == "github" and (not github_token or err.status_code in (401, 403)):
+                return False
+            raise
+
     def _ended(self, handle: JobHandle, token: str, polled: Polled) -> Polled:
         """Free the user's slot of an ended job. A job they started meanwhile (its start may answer before this
         tick does) is followed next: the page would otherwise drop its handle."""
@@ -319,6 +341,17 @@ class SpaceSession:
 
             return DockerBackend(token, client=self.docker_client(), user=user)
         return HfJobsBackend(token, flavor=flavor or "a10g-large")
+
+
+@contextmanager
+def opened(backend: Backend) -> Iterator[Backend]:
+    """The backend, closed after the block: a GitHub backend holds an HTTP client, and a page makes one per look."""
+    try:
+        yield backend
+    finally:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
 
 
 def backend_for_handle(session: SpaceSession, handle: JobHandle, token: str, github_token: str) -> Backend:
@@ -436,6 +469,8 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                 return ("⚠️ Sign in with Hugging Face first.", *idle)
             if text.strip() != inspected_repo:
                 return ("⚠️ Inspect the repo first: nothing is spent before you have seen the estimate.", *idle)
+            if choice == TARGET_GITHUB and not gh_token.strip():
+                return ("⚠️ Enter a GitHub token that may run the workflow (Actions: read and write).", *idle)
             if choice == TARGET_HF_JOBS and not (hardware and confirmed):
                 return ("⚠️ Choose the hardware and tick the confirmation: HF Jobs are billed.", *idle)
             if config.in_space and choice != TARGET_GITHUB and oauth_token is not None:
@@ -449,9 +484,10 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
                                        evaluate=measure)
                 if choice != TARGET_GITHUB:  # the job uploads with this token: refuse now what it would refuse
                     check_upload_target(request, token)
-                backend = session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token, user=user)
-                handle = session.registry.submit(user, lambda h: not backend_for_handle(
-                    session, h, token, gh_token).status(h).terminal, lambda: backend.start(request))
+                with opened(session.backend(choice, token, hardware or "", gh_repo, gh_workflow, gh_token,
+                                            user=user)) as backend:
+                    handle = session.registry.submit(user, lambda h: session.still_runs(h, token, gh_token),
+                                                     lambda: backend.start(request))
             except UdquantError as err:
                 return (problem(err), *idle)
             logger.info("%s started %s job %s for %s", user, handle.backend, handle.job_id, request.repo_id)
@@ -471,7 +507,8 @@ def build_app(config: SpaceConfig) -> gr.Blocks:
             if handle is None or token is None:
                 return "No job to cancel."
             try:
-                backend_for_handle(session, handle, token, gh_token).cancel(handle)
+                with opened(backend_for_handle(session, handle, token, gh_token)) as backend:
+                    backend.cancel(handle)
             except UdquantError as err:
                 return problem(err)
             return f"Cancel requested for `{handle.job_id}`."

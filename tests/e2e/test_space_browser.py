@@ -293,6 +293,9 @@ def test_dispatch_to_a_self_hosted_github_runner(space: dict[str, Any], page: An
     page.locator("#target").get_by_label("GitHub self-hosted runner").check()
     expect(page.locator("#flavor")).to_be_hidden()
     page.locator("#github-repo").get_by_role("textbox").fill("me/udquant-runner")
+    page.locator("#submit").click()  # no token yet: said in the page's words, nothing dispatched
+    expect(page.locator("#job-info")).to_contain_text("Enter a GitHub token", timeout=30_000)
+    assert github.state.runs == {}
     page.locator("#github-token").locator("input").fill(GH_TOKEN)
     page.locator("#evaluate").get_by_role("checkbox").check()
     _shot(page, "08-github-target")

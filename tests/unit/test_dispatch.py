@@ -344,6 +344,11 @@ def test_docker_stop_and_failure(engine: FakeDockerEngine, request_two_levels: D
     backend.cancel(handle)
     assert ("POST", f"/containers/{handle.job_id}/stop?t=30") in [(m, p) for m, p, _ in engine.state.requests]
     assert backend.status(handle).state == "canceled"
+    killed = backend.start(request_two_levels)  # `docker kill` or the host's OOM killer, unflagged: exit 137 too
+    engine.finish(killed.job_id, 137, stderr=["INFO quantize: UD-Q5_K_XL"])
+    assert backend.status(killed).state == "canceled"
+    backend.release(killed)  # its log is all that tells what happened: kept
+    assert "INFO quantize: UD-Q5_K_XL" in (tmp_path / "logs" / f"udquant-job-{killed.job_id[:12]}.log").read_text()
     failing = backend.start(request_two_levels)
     engine.finish(failing.job_id, 5, stderr=[f"ERROR verification failed (token {HF_TOKEN} echoed by mistake)"])
     assert backend.status(failing) == backend.status(failing)

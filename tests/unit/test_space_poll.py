@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from tests.fakes.docker_engine import FakeDockerEngine
+from tests.fakes.github_api import FakeGitHub
 from tests.fakes.hub_jobs import HubJobs
 from tests.space_app import load_app_module
 from tests.unit.conftest import HF_TOKEN
-from udquant.dispatch.base import DispatchRequest, JobHandle
+from udquant.dispatch.base import DispatchRequest, JobHandle, make_request
 
 LINK = "https://huggingface.co/alice/Distill-8B-UD-GGUF"
 
@@ -108,3 +109,53 @@ def test_nothing_to_look_at_without_a_job_or_a_sign_in(app: ModuleType, session:
     handle = JobHandle("docker", "c1", "host", None)
     assert session.poll(None, HF_TOKEN, "") == app.Polled(follow=None, polling=False)
     assert session.poll(handle, None, "") == app.Polled(follow=handle, polling=False)
+
+
+GH_TOKEN = "ghp_SpaceRunnerToken0123456789abcdef"
+
+
+@pytest.fixture
+def github() -> Any:
+    with FakeGitHub() as fake:
+        fake.state.tokens.add(GH_TOKEN)
+        yield fake
+
+
+@pytest.fixture
+def github_session(app: ModuleType, github: FakeGitHub, jobs: HubJobs) -> Any:
+    return app.SpaceSession(app.SpaceConfig(github_api=github.url))
+
+
+def start_github_run(app: ModuleType, session: Any) -> JobHandle:
+    """alice's run on her own runner, started as the Space starts it (no namespace: her runner's token's)."""
+    job_request = make_request("someone/Distill-8B", None)
+    with app.opened(session.backend(app.TARGET_GITHUB, HF_TOKEN, github_repo="alice/runner",
+                                    github_token=GH_TOKEN)) as backend:
+        handle: JobHandle = session.registry.submit(
+            "alice", lambda h: session.still_runs(h, HF_TOKEN, GH_TOKEN), lambda: backend.start(job_request))
+    return handle
+
+
+def test_a_github_run_the_page_cannot_see_never_holds_the_slot_for_good(
+        app: ModuleType, github_session: Any, github: FakeGitHub) -> None:
+    """After a reload the GitHub token box is empty, and a token may be revoked: the run goes on on the user's
+    own runner, but the Space must still let them start another job."""
+    run = start_github_run(app, github_session)
+    assert github_session.still_runs(run, HF_TOKEN, GH_TOKEN)  # the page's token sees it running
+    assert not github_session.still_runs(run, HF_TOKEN, "")  # no token entered since a reload
+    github.state.tokens.clear()  # revoked
+    assert not github_session.still_runs(run, HF_TOKEN, GH_TOKEN)
+    polled = github_session.poll(run, HF_TOKEN, GH_TOKEN)
+    assert "Not followed any more: see [its run page](" in polled.status and GH_TOKEN not in polled.status
+    assert (polled.follow, polled.polling) == (None, False)
+    assert github_session.registry.active("alice") is None
+
+
+def test_an_hf_job_whose_state_cannot_be_read_keeps_the_slot(app: ModuleType, session: Any) -> None:
+    """Unlike a GitHub run, it may run on, billed to the user: no second one is started beside it."""
+    handle = JobHandle("hf-jobs", "job-1", "alice", "alice/Distill-8B-UD-GGUF")
+    session.registry.adopt("alice", handle)
+    with pytest.raises(app.DispatchError):
+        session.still_runs(handle, "hf_revoked-token", "")
+    polled = session.poll(handle, "hf_revoked-token", "")
+    assert (polled.follow, polled.polling) == (handle, False) and session.registry.active("alice") == handle

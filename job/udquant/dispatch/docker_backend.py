@@ -198,7 +198,9 @@ class DockerBackend:
         if state.get("OOMKilled"):
             return JobStatus("failed", f"killed for lack of memory (OOMKilled), exit code {code}")
         if code in (130, 137, 143) and status == "exited":  # stopped by us (SIGTERM/SIGKILL) or interrupted
-            return JobStatus("canceled", f"exited {code}")
+            # Or killed from outside (docker kill, a daemon restart, the host's OOM killer, which cgroup v2 does not
+            # always flag): the log is kept either way (release).
+            return JobStatus("canceled", f"exited {code} (stopped or killed by a signal)")
         return JobStatus("failed", f"{status}, exit code {code}")
 
     def logs(self, handle: JobHandle, tail: int = 50) -> list[str]:
@@ -233,7 +235,8 @@ class DockerBackend:
         return link_from_logs(lines) or known
 
     def release(self, handle: JobHandle) -> None:
-        """Remove an ended job's container once its result has been read; a failed one's log is saved first.
+        """Remove an ended job's container once its result has been read; the log of one that did not complete is
+        saved first (failed, or stopped: a SIGKILL from outside looks like a cancel).
 
         The volume stays: it holds the cache, the resumable work and the results.
         """
@@ -241,16 +244,17 @@ class DockerBackend:
         if not status.terminal:
             raise DispatchError(NAME, f"container {handle.job_id[:12]} is still {status.state}; cancel it first")
         container = self._container(handle)
-        if status.state == "failed":
+        if status.state != "completed":
             try:
                 saved = self._save_log(container, handle)
             except (DispatchError, OSError) as err:  # removed all the same: the token must not stay behind
-                logger.warning("the failed job's log cannot be saved (%s); its container is removed all the same "
+                logger.warning("the %s job's log cannot be saved (%s); its container is removed all the same "
                                "(the engine stored HF_TOKEN with it); the udquant-data volume keeps its work dir and "
-                               "each stage's log", err)
+                               "each stage's log", status.state, err)
             else:
-                logger.info("the failed job's log is in %s (its container is removed: the engine stored HF_TOKEN "
-                            "with it); the udquant-data volume keeps its work dir and each stage's log", saved)
+                logger.info("the %s job's log is in %s (its container is removed: the engine stored HF_TOKEN "
+                            "with it); the udquant-data volume keeps its work dir and each stage's log",
+                            status.state, saved)
         with self._calls("remove"):
             container.remove()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
 
 from udquant.dispatch.estimate import (
     FlavorEstimate,
@@ -15,7 +14,7 @@ from udquant.dispatch.estimate import (
     eval_cost,
     output_bytes,
 )
-from udquant.hub import hub_error, resolve_hub_model
+from udquant.hub import HUB_ERRORS, hub_error, resolve_hub_model
 from udquant.recipe import find_recipe, load_recipe_ref
 from udquant.resolve import validate_repo_id
 
@@ -59,7 +58,7 @@ def base_models_of(repo_id: str, revision: str | None, token: str | None) -> tup
     """The card's base_model entries (a distill names the model it was distilled from or into)."""
     try:
         info = HfApi(token=token).model_info(repo_id, revision=revision)
-    except HfHubHTTPError as err:
+    except HUB_ERRORS as err:  # no answer too: the page shows its reason, not a traceback
         raise hub_error(repo_id, err) from None
     base = getattr(info.card_data, "base_model", None)
     if isinstance(base, str):
