@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -57,6 +58,9 @@ TARGET_GITHUB = "GitHub self-hosted runner"
 TARGET_DOCKER = "Local Docker"
 LOG_TAIL = 30
 KNOWN_SIGN_INS = 1000  # user names kept by token, so that a poll needs no whoami
+# An ended local Docker job that no page released for this long is removed, and the token the engine keeps with it.
+ABANDONED_AFTER = timedelta(hours=6)
+SWEEP_SECONDS = 600
 # Seconds between two looks at a followed job. HF Jobs: a log read of a running job waits about 5 s for
 # news. GitHub: each look costs a few requests of the token's 5,000 an hour, shared with its other uses.
 POLL_SECONDS = {"hf-jobs": 10.0, "github": 15.0, "docker": 3.0}
@@ -204,6 +208,27 @@ class SpaceSession:
 
                 self._docker = connect()
             return self._docker
+
+    def sweep_abandoned(self, now: datetime | None = None) -> list[str]:
+        """Remove every user's local Docker jobs that ended over ABANDONED_AFTER ago and that no page released (the
+        user closed it and never came back): a user's own are removed when they open the page again, but the engine
+        must not keep the others' tokens for good."""
+        from udquant.dispatch.docker_backend import DockerBackend
+
+        try:
+            return DockerBackend.remove_abandoned(self.docker_client(),
+                                                  ended_before=(now or datetime.now(UTC)) - ABANDONED_AFTER)
+        except DispatchError as err:
+            logger.warning("cannot look for abandoned Docker jobs: %s", err.message)
+            return []
+
+    def keep_sweeping(self) -> None:
+        while True:
+            time.sleep(SWEEP_SECONDS)
+            try:
+                self.sweep_abandoned()
+            except Exception:  # a bug must not end the sweeping for the life of the Space
+                logger.exception("sweeping abandoned Docker jobs failed")
 
     def token(self, oauth_token: gr.OAuthToken | None) -> str | None:
         if self.config.test_token:
@@ -361,6 +386,8 @@ def backend_for_handle(session: SpaceSession, handle: JobHandle, token: str, git
 
 def build_app(config: SpaceConfig) -> gr.Blocks:
     session = SpaceSession(config)
+    if config.docker:
+        threading.Thread(target=session.keep_sweeping, name="udquant-docker-sweep", daemon=True).start()
     targets = [TARGET_HF_JOBS, TARGET_GITHUB] + ([TARGET_DOCKER] if config.docker else [])
     levels = list(library_levels())
 

@@ -191,7 +191,8 @@ class _Handler(JSONHandler):
             if not container["State"]["Running"]:
                 return self.send_body(304)  # not modified: it had stopped already
             with self.state.lock:
-                container["State"] = {"Status": "exited", "Running": False, "ExitCode": 143}
+                container["State"] = {"Status": "exited", "Running": False, "ExitCode": 143,
+                                      "FinishedAt": _timestamp()}
                 if container["HostConfig"].get("AutoRemove"):
                     del self.state.containers[container_id]
             return self.send_body(204)
@@ -336,6 +337,7 @@ class FakeDockerEngine:
             output = self.state.output[container_id]
             output += [(2, line) for line in stderr] + [(1, line) for line in stdout]
             self.state.containers[container_id]["State"] = {"Status": "exited", "Running": False,
-                                                            "ExitCode": exit_code, "OOMKilled": oom_killed}
+                                                            "ExitCode": exit_code, "OOMKilled": oom_killed,
+                                                            "FinishedAt": _timestamp()}
             if self.state.containers[container_id]["HostConfig"].get("AutoRemove"):  # as the engine does
                 del self.state.containers[container_id]

@@ -4,6 +4,7 @@ engine, HF Jobs and whoami on the local Hub. What the page shows, what is releas
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from types import ModuleType
 from typing import Any
 
@@ -159,3 +160,23 @@ def test_an_hf_job_whose_state_cannot_be_read_keeps_the_slot(app: ModuleType, se
         session.still_runs(handle, "hf_revoked-token", "")
     polled = session.poll(handle, "hf_revoked-token", "")
     assert (polled.follow, polled.polling) == (handle, False) and session.registry.active("alice") == handle
+
+
+def test_ended_docker_jobs_no_page_released_are_removed_hours_later_with_their_logs(
+        app: ModuleType, session: Any, engine: FakeDockerEngine, job_request: DispatchRequest,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Users closed their pages and never came back: the engine must not keep their tokens for good."""
+    monkeypatch.chdir(tmp_path)
+    abandoned, recent, running = (session.backend(app.TARGET_DOCKER, HF_TOKEN, user=user).start(job_request)
+                                  for user in ("alice", "bob", "carol"))
+    engine.finish(abandoned.job_id, 5, stderr=[f"ERROR quantize: out of disk (token {HF_TOKEN} echoed)"])
+    engine.finish(recent.job_id, 0, stdout=[LINK])
+    seven_hours_ago = (datetime.now(UTC) - timedelta(hours=7)).isoformat().replace("+00:00", "Z")
+    engine.state.containers[abandoned.job_id]["State"]["FinishedAt"] = seven_hours_ago
+    assert session.sweep_abandoned() == [abandoned.job_id]
+    assert set(engine.state.containers) == {recent.job_id, running.job_id}  # its page may still come back
+    saved = (tmp_path / "udquant-out" / "docker-logs" / f"udquant-job-{abandoned.job_id[:12]}.log").read_text()
+    assert "out of disk" in saved and HF_TOKEN not in saved  # redacted with the job's own token
+    later = datetime.now(UTC) + timedelta(hours=7)
+    assert session.sweep_abandoned(now=later) == [recent.job_id]
+    assert set(engine.state.containers) == {running.job_id}

@@ -9,7 +9,7 @@ job: a followed one is removed once its result is read (a failed one's log saved
 first), one nobody follows is started with auto-remove, and one that could not start is
 removed at once. A front end that lost track of its jobs (restarted, page closed) finds a
 user's by their labels: running_jobs() to follow them again, remove_ended() to remove the
-ended ones.
+ended ones; remove_abandoned() removes every user's ended ones that nobody released for long.
 """
 
 from __future__ import annotations
@@ -267,17 +267,31 @@ class DockerBackend:
     def remove_ended(self, user: str) -> list[str]:
         """Remove the user's ended udquant containers that nobody released (a page closed, a front end restarted),
         each as release() does: a failed one's log saved first. Returns the ids of the removed containers."""
-        removed = []
-        for container in self._user_containers(user, ENDED_STATES):
-            try:
-                self.release(self._handle(container, self._output_repo(container, user)))
-            except DispatchError as err:
-                if err.status_code != 404:  # released meanwhile by whoever followed it, if 404
-                    logger.warning("cannot remove the ended container %s: %s", str(container.id)[:12], err)
-                continue
-            removed.append(str(container.id))
+        removed = _release_all([(self, self._handle(container, self._output_repo(container, user)))
+                                for container in self._user_containers(user, ENDED_STATES)])
         if removed:
             logger.info("removed %d ended udquant container(s) of %s: %s", len(removed), user,
+                        ", ".join(cid[:12] for cid in removed))
+        return removed
+
+    @classmethod
+    def remove_abandoned(cls, client: docker.DockerClient, *, ended_before: datetime,
+                         failed_log_dir: Path = FAILED_LOG_DIR) -> list[str]:
+        """Remove a front end's job containers, of any user, that ended before ended_before and that nobody
+        released since (a page closed and never opened again): the engine keeps each one's HF_TOKEN. Each goes as
+        release() does, its own token redacted from its saved log. Returns the ids of the removed containers."""
+        lister = cls("-", client=client)  # "-": lists only, and redacts nothing a job could print
+        with lister._calls("listing containers"):
+            containers = client.containers.list(all=True, filters={"label": [JOB_LABEL, USER_LABEL],
+                                                                    "status": list(ENDED_STATES)}, ignore_removed=True)
+        abandoned = [container for container in containers
+                     if _moment((container.attrs.get("State") or {}).get("FinishedAt")) < ended_before]
+        removed = _release_all([(cls(_environment(container).get("HF_TOKEN") or "-", client=client,
+                                     failed_log_dir=failed_log_dir), lister._handle(container, None))
+                                for container in abandoned])
+        if removed:
+            logger.info("removed %d udquant container(s) that ended before %s and that nobody released: %s",
+                        len(removed), ended_before.isoformat(timespec="seconds"),
                         ", ".join(cid[:12] for cid in removed))
         return removed
 
@@ -313,10 +327,33 @@ class DockerBackend:
         return path
 
 
+def _release_all(jobs: list[tuple[DockerBackend, JobHandle]]) -> list[str]:
+    """Release each ended job with its backend (the one that knows its token); the ids of those removed."""
+    removed = []
+    for backend, handle in jobs:
+        try:
+            backend.release(handle)
+        except DispatchError as err:
+            if err.status_code != 404:  # released meanwhile by whoever followed it, if 404
+                logger.warning("cannot remove the ended container %s: %s", handle.job_id[:12], err)
+            continue
+        removed.append(handle.job_id)
+    return removed
+
+
+def _environment(container: Any) -> dict[str, str]:
+    pairs = (container.attrs.get("Config") or {}).get("Env") or []
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
 def _created(container: Any) -> datetime:
-    """When the engine created the container (RFC 3339 with up to nanoseconds, which Python reads up to micro)."""
-    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)",
-                         str(container.attrs.get("Created", "")))
+    return _moment(container.attrs.get("Created"))
+
+
+def _moment(text: object) -> datetime:
+    """An engine time (RFC 3339 with up to nanoseconds, which Python reads up to micro); the epoch when missing
+    (a running container's FinishedAt is year 1)."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", str(text or ""))
     if match is None:
         return datetime.fromtimestamp(0).astimezone()
     fraction = (match[2] or ".0")[:7].ljust(7, "0")
