@@ -5,7 +5,7 @@ secret store: Docker secrets exist only for swarm services, and a file mount wou
 the token on the host's disk. The environment is visible to whoever can already control
 the Docker engine (and thereby the host), and never appears in the command line, the
 labels or our logs. The engine stores it with the container, so no container outlives its
-job: a followed one is removed once its result is read (a failed one's log saved to a file
+job: a followed one is removed once its result is read (the log of one that did not complete saved to a file
 first), one nobody follows is started with auto-remove, and one that could not start is
 removed at once. A front end that lost track of its jobs (restarted, page closed) finds a
 user's by their labels: running_jobs() to follow them again, remove_ended() to remove the
@@ -66,6 +66,8 @@ USER_LABEL = f"{LABEL_PREFIX}.user"  # the Hub user the job is for: a front end 
 # Container states (docker ps --filter status=...): those of a job not ended yet, and of one that has.
 ACTIVE_STATES = ("created", "restarting", "running", "paused")
 ENDED_STATES = ("exited", "dead")
+# The token of a backend that starts nothing: text that never appears in a log, so redacting it changes nothing.
+NO_TOKEN = "\x00"
 # Where a failed job's container log is saved (next to the job's own default output, ./udquant-out).
 FAILED_LOG_DIR = Path("udquant-out") / "docker-logs"
 
@@ -266,7 +268,7 @@ class DockerBackend:
 
     def remove_ended(self, user: str) -> list[str]:
         """Remove the user's ended udquant containers that nobody released (a page closed, a front end restarted),
-        each as release() does: a failed one's log saved first. Returns the ids of the removed containers."""
+        each as release() does: the log of one that did not complete saved first. Returns the removed ids."""
         removed = _release_all([(self, self._handle(container, self._output_repo(container, user)))
                                 for container in self._user_containers(user, ENDED_STATES)])
         if removed:
@@ -280,13 +282,13 @@ class DockerBackend:
         """Remove a front end's job containers, of any user, that ended before ended_before and that nobody
         released since (a page closed and never opened again): the engine keeps each one's HF_TOKEN. Each goes as
         release() does, its own token redacted from its saved log. Returns the ids of the removed containers."""
-        lister = cls("-", client=client)  # "-": lists only, and redacts nothing a job could print
+        lister = cls(NO_TOKEN, client=client)  # lists only
         with lister._calls("listing containers"):
             containers = client.containers.list(all=True, filters={"label": [JOB_LABEL, USER_LABEL],
                                                                     "status": list(ENDED_STATES)}, ignore_removed=True)
         abandoned = [container for container in containers
                      if _moment((container.attrs.get("State") or {}).get("FinishedAt")) < ended_before]
-        removed = _release_all([(cls(_environment(container).get("HF_TOKEN") or "-", client=client,
+        removed = _release_all([(cls(_environment(container).get("HF_TOKEN") or NO_TOKEN, client=client,
                                      failed_log_dir=failed_log_dir), lister._handle(container, None))
                                 for container in abandoned])
         if removed:
@@ -351,8 +353,8 @@ def _created(container: Any) -> datetime:
 
 
 def _moment(text: object) -> datetime:
-    """An engine time (RFC 3339 with up to nanoseconds, which Python reads up to micro); the epoch when missing
-    (a running container's FinishedAt is year 1)."""
+    """An engine time (RFC 3339 with up to nanoseconds, which Python reads up to micro); the epoch when missing or
+    unreadable."""
     match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", str(text or ""))
     if match is None:
         return datetime.fromtimestamp(0).astimezone()
